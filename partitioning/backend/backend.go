@@ -1,0 +1,76 @@
+// Package backend chooses where a Tessera binary gets its GPUs: the real NVML library or a simulated
+// node. Every binary takes the same flags (--nvml, --sim-state-dir) and environment variables
+// (TESSERA_NVML, TESSERA_SIM_STATE).
+package backend
+
+import (
+	"fmt"
+	"os"
+	"strings"
+
+	"github.com/spf13/pflag"
+
+	"github.com/tessera-gpu/tessera/partitioning/nvmlib"
+	"github.com/tessera-gpu/tessera/partitioning/sim"
+)
+
+// Environment variables that set the flags' defaults.
+const (
+	EnvNVML     = "TESSERA_NVML"
+	EnvSimState = "TESSERA_SIM_STATE"
+)
+
+// Options select the backend.
+type Options struct {
+	// NVML is "real", "sim:<node>" or "sim-file:<path>".
+	NVML string
+	// SimStateDir is a simulated node's state directory ("" for the default).
+	SimStateDir string
+}
+
+// AddFlags registers --nvml and --sim-state-dir, defaulting to the environment.
+func (o *Options) AddFlags(fs *pflag.FlagSet) {
+	def := os.Getenv(EnvNVML)
+	if def == "" {
+		def = "real"
+	}
+	fs.StringVar(&o.NVML, "nvml", def, "where GPUs come from: real (libnvidia-ml), sim:<node> (a built-in simulated node: "+
+		strings.Join(sim.BuiltinNodes(), ", ")+") or sim-file:<path> (a node file); env "+EnvNVML)
+	fs.StringVar(&o.SimStateDir, "sim-state-dir", os.Getenv(EnvSimState), "a simulated node's state directory (default /var/lib/tessera/sim/<node> for root, else ~/.local/state/tessera/sim/<node>); env "+EnvSimState)
+}
+
+// Simulated reports whether the options select a simulated node.
+func (o Options) Simulated() bool { return o.NVML != "real" }
+
+// Open opens the selected backend. For a simulated node it also returns the node, for control
+// operations (nil on real hardware).
+func (o Options) Open() (nvmlib.Interface, *sim.Node, error) {
+	if o.NVML == "" || o.NVML == "real" {
+		lib, err := nvmlib.OpenReal()
+		return lib, nil, err
+	}
+	if !strings.HasPrefix(o.NVML, "sim:") && !strings.HasPrefix(o.NVML, "sim-file:") {
+		return nil, nil, fmt.Errorf("--nvml=%q: use real, sim:<node> (one of %s) or sim-file:<path>", o.NVML, strings.Join(sim.BuiltinNodes(), ", "))
+	}
+	node, err := o.OpenNode()
+	if err != nil {
+		return nil, nil, err
+	}
+	lib, err := nvmlib.Wrap(node.NVML())
+	if err != nil {
+		return nil, nil, err
+	}
+	return lib, node, nil
+}
+
+// OpenNode opens the selected simulated node without NVML (for `tessera sim`).
+func (o Options) OpenNode() (*sim.Node, error) {
+	if !o.Simulated() {
+		return nil, fmt.Errorf("this needs a simulated node: pass --nvml=sim:<node> (one of %s) or set %s", strings.Join(sim.BuiltinNodes(), ", "), EnvNVML)
+	}
+	spec, err := sim.ParseTarget(o.NVML)
+	if err != nil {
+		return nil, fmt.Errorf("--nvml: %w", err)
+	}
+	return sim.Open(spec, o.SimStateDir)
+}
