@@ -243,24 +243,12 @@ func (a *adapter) MigProfiles(index int) ([]MigProfile, error) {
 		for _, pl := range places {
 			p.Placements = append(p.Placements, Placement{Start: int(pl.Start), Size: int(pl.Size)})
 		}
-		p.ComputeInstanceSlices = ciSlicesFor(p.ComputeSlices)
 		out = append(out, p)
 	}
 	if len(out) == 0 {
 		return nil, &Error{Op: "GetGpuInstanceProfileInfo", GPU: index, Ret: nvml.ERROR_NOT_SUPPORTED}
 	}
 	return out, nil
-}
-
-// ciSlicesFor lists the compute-instance sizes NVML defines that fit a GPU instance.
-func ciSlicesFor(giSlices int) []int {
-	var out []int
-	for _, s := range []int{1, 2, 3, 4, 6, 7, 8} {
-		if s <= giSlices && (s != 6 || giSlices >= 6) {
-			out = append(out, s)
-		}
-	}
-	return out
 }
 
 // ciProfileIDs maps compute-instance sizes to NVML COMPUTE_INSTANCE_PROFILE_* values and back.
@@ -353,6 +341,26 @@ func describeGI(index int, h nvml.GpuInstance) (GpuInstance, error) {
 	}
 	sort.Slice(gi.ComputeInstances, func(i, j int) bool { return gi.ComputeInstances[i].ID < gi.ComputeInstances[j].ID })
 	return gi, nil
+}
+
+func (a *adapter) ComputeInstanceSizes(index, giID int) ([]int, error) {
+	gi, err := a.gi(index, giID)
+	if err != nil {
+		return nil, err
+	}
+	var out []int
+	for slices, id := range ciProfileIDs {
+		_, ret := gi.GetComputeInstanceProfileInfo(id, nvml.COMPUTE_INSTANCE_ENGINE_PROFILE_SHARED)
+		switch ret {
+		case nvml.SUCCESS:
+			out = append(out, slices)
+		case nvml.ERROR_NOT_SUPPORTED, nvml.ERROR_INVALID_ARGUMENT:
+		default:
+			return nil, newErr("GetComputeInstanceProfileInfo", index, ret)
+		}
+	}
+	sort.Ints(out)
+	return out, nil
 }
 
 func (a *adapter) GpuInstances(index int) ([]GpuInstance, error) {

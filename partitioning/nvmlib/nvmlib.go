@@ -36,6 +36,9 @@ type Interface interface {
 	SetMigMode(index int, enabled bool) (MigModeChange, error)
 	// CreateGpuInstance creates a GPU instance of the profile at the placement and returns its ID.
 	CreateGpuInstance(index int, profileID int, placement Placement) (int, error)
+	// ComputeInstanceSizes lists the compute-instance sizes (in compute slices) a GPU instance offers;
+	// NVML tells this only for an existing GPU instance.
+	ComputeInstanceSizes(index, giID int) ([]int, error)
 	// DestroyGpuInstance destroys a GPU instance; it fails with ErrInUse while it has compute instances.
 	DestroyGpuInstance(index, giID int) error
 	// CreateComputeInstance creates a compute instance of the given size (in compute slices) inside
@@ -116,10 +119,8 @@ type MigProfile struct {
 	JPEGs         int    `json:"jpegs"`
 	OFAs          int    `json:"ofas"`
 	InstanceCount int    `json:"instanceCount"`
-	// Placements in the order NVML lists them.
+	// Placements in the order NVML lists them; NVML lists them only while MIG mode is on.
 	Placements []Placement `json:"placements"`
-	// ComputeInstanceSlices are the compute-instance sizes a GPU instance of this profile offers.
-	ComputeInstanceSlices []int `json:"computeInstanceSlices"`
 }
 
 // GpuInstance is a GPU instance and its compute instances.

@@ -619,3 +619,23 @@ func TestEveryBuiltinNode(t *testing.T) {
 		})
 	}
 }
+
+func TestComputeInstanceSizesFromGI(t *testing.T) {
+	lib, _ := open(t, "dgx-a100", "")
+	enableMIG(t, lib, 0)
+	want := map[string]string{"4g.20gb": "[1 2 4]", "3g.20gb": "[1 2 3]"}
+	for name, sizes := range want {
+		p := profileID(t, lib, 0, name)
+		gi, err := lib.CreateGpuInstance(0, p.ID, p.Placements[0])
+		if err != nil {
+			t.Fatal(err)
+		}
+		got, err := lib.ComputeInstanceSizes(0, gi)
+		if err != nil || fmt.Sprint(got) != sizes {
+			t.Errorf("%s offers CIs %v (%v), want %s", name, got, err, sizes)
+		}
+		if err := lib.DestroyGpuInstance(0, gi); err != nil {
+			t.Fatal(err)
+		}
+	}
+}
