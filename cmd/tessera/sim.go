@@ -164,9 +164,9 @@ func simInjectCmd(opts *backend.Options) *cobra.Command {
 
 func simSetCmd(opts *backend.Options) *cobra.Command {
 	var (
-		gpu                                  int
+		gpu                                 int
 		util, memUtil, power, temp, smClock int
-		memUsed                              uint64
+		memUsed                             uint64
 	)
 	cmd := &cobra.Command{
 		Use:     "set",

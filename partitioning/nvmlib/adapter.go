@@ -765,7 +765,10 @@ var brandValues = map[string]nvml.BrandType{
 }
 
 // ParseBrand is BrandName's inverse.
-func ParseBrand(s string) (nvml.BrandType, bool) { b, ok := brandValues[strings.ToLower(s)]; return b, ok }
+func ParseBrand(s string) (nvml.BrandType, bool) {
+	b, ok := brandValues[strings.ToLower(s)]
+	return b, ok
+}
 
 var archNames = map[nvml.DeviceArchitecture]string{
 	nvml.DEVICE_ARCH_KEPLER: "kepler", nvml.DEVICE_ARCH_MAXWELL: "maxwell", nvml.DEVICE_ARCH_PASCAL: "pascal",

@@ -60,4 +60,3 @@ func TestErrorsMatchSentinels(t *testing.T) {
 		t.Errorf("message %q", got)
 	}
 }
-

@@ -78,7 +78,9 @@ func (l *Lib) SystemGetCudaDriverVersion() (int, nvml.Return) {
 	return major*1000 + minor*10, nvml.SUCCESS
 }
 
-func (l *Lib) SystemGetCudaDriverVersion_v2() (int, nvml.Return) { return l.SystemGetCudaDriverVersion() }
+func (l *Lib) SystemGetCudaDriverVersion_v2() (int, nvml.Return) {
+	return l.SystemGetCudaDriverVersion()
+}
 
 func (l *Lib) DeviceGetCount() (int, nvml.Return) { return len(l.devices), nvml.SUCCESS }
 
@@ -195,11 +197,11 @@ func static[T any](d *device, v T) (T, nvml.Return) {
 	return v, nvml.SUCCESS
 }
 
-func (d *device) GetIndex() (int, nvml.Return)        { return static(d, d.index) }
-func (d *device) GetMinorNumber() (int, nvml.Return)  { return static(d, d.spec().Minor) }
-func (d *device) GetUUID() (string, nvml.Return)      { return static(d, d.spec().UUID) }
-func (d *device) GetName() (string, nvml.Return)      { return static(d, d.model().Name) }
-func (d *device) GetNumaNodeId() (int, nvml.Return)   { return static(d, d.spec().NUMANode) }
+func (d *device) GetIndex() (int, nvml.Return)           { return static(d, d.index) }
+func (d *device) GetMinorNumber() (int, nvml.Return)     { return static(d, d.spec().Minor) }
+func (d *device) GetUUID() (string, nvml.Return)         { return static(d, d.spec().UUID) }
+func (d *device) GetName() (string, nvml.Return)         { return static(d, d.model().Name) }
+func (d *device) GetNumaNodeId() (int, nvml.Return)      { return static(d, d.spec().NUMANode) }
 func (d *device) IsMigDeviceHandle() (bool, nvml.Return) { return false, nvml.SUCCESS }
 
 func (d *device) GetSerial() (string, nvml.Return) {
