@@ -3,7 +3,6 @@ package main
 import (
 	"encoding/json"
 	"fmt"
-	"os"
 	"strings"
 	"text/tabwriter"
 
@@ -75,7 +74,7 @@ func simStatusCmd(opts *backend.Options) *cobra.Command {
 			if err != nil {
 				return err
 			}
-			h := hostRoots(n)
+			h := n.Host()
 			st := struct {
 				Node       string          `json:"node"`
 				StateDir   string          `json:"stateDir"`
@@ -301,13 +300,3 @@ func simWipeCmd(opts *backend.Options) *cobra.Command {
 		},
 	}
 }
-
-var _ = os.Stdout
-
-type roots struct{ dev, proc, driver string }
-
-func (r roots) DevRoot() string    { return r.dev }
-func (r roots) ProcRoot() string   { return r.proc }
-func (r roots) DriverRoot() string { return r.driver }
-
-func hostRoots(n *sim.Node) roots { return roots{} }

@@ -27,6 +27,74 @@ type Lib struct {
 	devices []*device
 	mu      sync.Mutex
 	inits   int
+
+	// Call counts and injected faults of the MIG-changing calls, for tests.
+	callMu sync.Mutex
+	calls  map[string]int
+	faults map[string]fault
+}
+
+type fault struct {
+	after int
+	ret   nvml.Return
+}
+
+// Operations counted by Calls and failed by InjectFault.
+const (
+	OpSetMigMode             = "SetMigMode"
+	OpCreateGpuInstance      = "CreateGpuInstance"
+	OpDestroyGpuInstance     = "DestroyGpuInstance"
+	OpCreateComputeInstance  = "CreateComputeInstance"
+	OpDestroyComputeInstance = "DestroyComputeInstance"
+)
+
+// Calls returns how many times this Lib was asked to perform op.
+func (l *Lib) Calls(op string) int {
+	l.callMu.Lock()
+	defer l.callMu.Unlock()
+	return l.calls[op]
+}
+
+// InjectFault makes the call of op that comes after `after` more calls fail with err's NVML code
+// (err is an nvmlib sentinel such as nvmlib.ErrInsufficientResources; anything else is ERROR_UNKNOWN).
+// The fault fires once.
+func (l *Lib) InjectFault(op string, after int, err error) {
+	l.callMu.Lock()
+	defer l.callMu.Unlock()
+	if l.faults == nil {
+		l.faults = map[string]fault{}
+	}
+	l.faults[op] = fault{after: l.calls[op] + after, ret: returnOf(err)}
+}
+
+// count records a call of op and returns the injected fault's code if it fires now.
+func (l *Lib) count(op string) nvml.Return {
+	l.callMu.Lock()
+	defer l.callMu.Unlock()
+	if l.calls == nil {
+		l.calls = map[string]int{}
+	}
+	n := l.calls[op]
+	l.calls[op] = n + 1
+	if f, ok := l.faults[op]; ok && f.after == n {
+		delete(l.faults, op)
+		return f.ret
+	}
+	return nvml.SUCCESS
+}
+
+func returnOf(err error) nvml.Return {
+	for sentinel, ret := range map[error]nvml.Return{
+		nvmlib.ErrInUse: nvml.ERROR_IN_USE, nvmlib.ErrInsufficientResources: nvml.ERROR_INSUFFICIENT_RESOURCES,
+		nvmlib.ErrNotSupported: nvml.ERROR_NOT_SUPPORTED, nvmlib.ErrGPULost: nvml.ERROR_GPU_IS_LOST,
+		nvmlib.ErrInvalidArgument: nvml.ERROR_INVALID_ARGUMENT, nvmlib.ErrNotFound: nvml.ERROR_NOT_FOUND,
+		nvmlib.ErrResetRequired: nvml.ERROR_RESET_REQUIRED, nvmlib.ErrNoPermission: nvml.ERROR_NO_PERMISSION,
+	} {
+		if err == sentinel {
+			return ret
+		}
+	}
+	return nvml.ERROR_UNKNOWN
 }
 
 var _ nvml.Interface = (*Lib)(nil)
@@ -295,6 +363,9 @@ func boolMode(b bool) int {
 func (d *device) SetMigMode(mode int) (nvml.Return, nvml.Return) {
 	if mode != nvml.DEVICE_MIG_ENABLE && mode != nvml.DEVICE_MIG_DISABLE {
 		return nvml.ERROR_INVALID_ARGUMENT, nvml.ERROR_INVALID_ARGUMENT
+	}
+	if r := d.lib.count(OpSetMigMode); r != nvml.SUCCESS {
+		return r, r
 	}
 	var activation nvml.Return
 	ret := d.update(func(st *gpuState) nvml.Return {
@@ -572,6 +643,9 @@ func (d *device) createGI(info *nvml.GpuInstanceProfileInfo, placement *nvml.Gpu
 	if info == nil {
 		return nil, nvml.ERROR_INVALID_ARGUMENT
 	}
+	if r := d.lib.count(OpCreateGpuInstance); r != nvml.SUCCESS {
+		return nil, r
+	}
 	p, ret := d.migProfile(int(info.Id))
 	if ret != nvml.SUCCESS {
 		return nil, ret
@@ -770,6 +844,9 @@ func (g *gpuInstance) createCI(info *nvml.ComputeInstanceProfileInfo, start int)
 	if info == nil {
 		return nil, nvml.ERROR_INVALID_ARGUMENT
 	}
+	if r := g.dev.lib.count(OpCreateComputeInstance); r != nvml.SUCCESS {
+		return nil, r
+	}
 	var ci ciState
 	ret := g.dev.update(func(st *gpuState) nvml.Return {
 		i, ok := findGI(st, g.id)
@@ -828,6 +905,9 @@ func (g *gpuInstance) GetComputeInstanceById(id int) (nvml.ComputeInstance, nvml
 }
 
 func (g *gpuInstance) Destroy() nvml.Return {
+	if r := g.dev.lib.count(OpDestroyGpuInstance); r != nvml.SUCCESS {
+		return r
+	}
 	return g.dev.update(func(st *gpuState) nvml.Return { return destroyGI(st, g.id) })
 }
 
@@ -864,6 +944,9 @@ func (c *computeInstance) GetInfo() (nvml.ComputeInstanceInfo, nvml.Return) {
 }
 
 func (c *computeInstance) Destroy() nvml.Return {
+	if r := c.gi.dev.lib.count(OpDestroyComputeInstance); r != nvml.SUCCESS {
+		return r
+	}
 	return c.gi.dev.update(func(st *gpuState) nvml.Return {
 		i, ok := findGI(st, c.gi.id)
 		if !ok {

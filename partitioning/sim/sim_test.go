@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"sync"
@@ -14,6 +15,7 @@ import (
 
 	"github.com/tessera-gpu/tessera/partitioning/nvmlib"
 	"github.com/tessera-gpu/tessera/partitioning/sim"
+	"github.com/tessera-gpu/tessera/partitioning/sim/host"
 	"github.com/tessera-gpu/tessera/partitioning/sim/models"
 )
 
@@ -637,5 +639,40 @@ func TestComputeInstanceSizesFromGI(t *testing.T) {
 		if err := lib.DestroyGpuInstance(0, gi); err != nil {
 			t.Fatal(err)
 		}
+	}
+}
+
+// TestHostFollowsMIG: the simulated host's MIG capability files follow GPU-instance changes made
+// through NVML, as the driver's do.
+func TestHostFollowsMIG(t *testing.T) {
+	lib, node := open(t, "dgx-a100", "")
+	h := node.Host()
+	if _, err := os.Stat(filepath.Join(h.DevRoot(), "nvidia7")); err != nil {
+		t.Fatalf("no /dev/nvidia7 on the simulated host: %v", err)
+	}
+	enableMIG(t, lib, 1)
+	p := profileID(t, lib, 1, "3g.20gb")
+	gi, err := lib.CreateGpuInstance(1, p.ID, nvmlib.Placement{Start: 4, Size: 4})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ci, err := lib.CreateComputeInstance(1, gi, 3)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for path, want := range map[string]int{h.GIAccessPath(1, gi): host.GIMinor(1, gi), h.CIAccessPath(1, gi, ci): host.CIMinor(1, gi, ci)} {
+		got, err := host.ReadCapMinor(path)
+		if err != nil || got != want {
+			t.Fatalf("%s: minor %d (%v), want %d", path, got, err, want)
+		}
+	}
+	if err := lib.DestroyComputeInstance(1, gi, ci); err != nil {
+		t.Fatal(err)
+	}
+	if err := lib.DestroyGpuInstance(1, gi); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(h.GIAccessPath(1, gi)); !os.IsNotExist(err) {
+		t.Fatalf("GI access file left after destroy: %v", err)
 	}
 }
