@@ -254,7 +254,7 @@ func TestEnsureLayout(t *testing.T) {
 			t.Errorf("firmware: %v", err)
 		}
 	}
-	for _, tool := range []string{ToolNvidiaSMI, ToolMPSControl, ToolMPSServer, ToolPersistenced} {
+	for _, tool := range []string{ToolNvidiaSMI, ToolMPSControl, ToolMPSServer, ToolPersistenced, ToolCDIHook} {
 		fi, err := os.Stat(h.ToolPath(tool))
 		if err != nil || fi.Mode().Perm() != 0o755 {
 			t.Errorf("%s: %v %v", tool, fi, err)
@@ -1144,7 +1144,11 @@ func TestOtherStandIns(t *testing.T) {
 	if _, code := run(t, h, ToolMPSServer, "", []string{"CUDA_MPS_LOG_DIRECTORY=/var/log/mps"}); code != 0 {
 		t.Errorf("mps-server: exit %d", code)
 	}
+	if _, code := run(t, h, ToolCDIHook, "{}", nil, "update-ldcache", "--folder", "/usr/lib/x86_64-linux-gnu"); code != 0 {
+		t.Errorf("cdi hook: exit %d", code)
+	}
 	for tool, want := range map[string][]string{
+		ToolCDIHook:      {"argv: update-ldcache --folder /usr/lib/x86_64-linux-gnu"},
 		ToolPersistenced: {"argv: --version", "argv: --persistence-mode --verbose"},
 		ToolMPSServer:    {"argv:", "env: CUDA_MPS_LOG_DIRECTORY=/var/log/mps"},
 	} {

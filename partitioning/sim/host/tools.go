@@ -21,6 +21,10 @@ const (
 	ToolMPSControl   = "nvidia-cuda-mps-control"
 	ToolMPSServer    = "nvidia-cuda-mps-server"
 	ToolPersistenced = "nvidia-persistenced"
+	// ToolCDIHook stands in for nvidia-container-toolkit's nvidia-cdi-hook, which CDI specs run as
+	// createContainer hooks (create-symlinks, update-ldcache, enable-cuda-compat). It records its
+	// arguments and succeeds without touching the container.
+	ToolCDIHook = "nvidia-cdi-hook"
 )
 
 // recordDirEnv, if set in a stand-in tool's environment, replaces <root>/recorded as its log directory.
@@ -52,6 +56,7 @@ func (h *Host) tools() []tool {
 		{ToolMPSControl, mpsControlBody},
 		{ToolMPSServer, mpsServerBody},
 		{ToolPersistenced, persistencedBody},
+		{ToolCDIHook, cdiHookBody},
 	} {
 		var b strings.Builder
 		b.WriteString(strings.ReplaceAll(scriptHeader, "@TOOL@", t.name))
@@ -243,4 +248,7 @@ const persistencedBody = `for arg in "$@"; do
 	esac
 done
 exit 0
+`
+
+const cdiHookBody = `exit 0
 `
