@@ -38,6 +38,6 @@ func newRoot() *cobra.Command {
 	klogFlags := flag.NewFlagSet("klog", flag.ContinueOnError)
 	klog.InitFlags(klogFlags)
 	root.PersistentFlags().AddGoFlag(klogFlags.Lookup("v"))
-	root.AddCommand(newInspectCmd(&opts), newSimCmd(&opts), newMigCmd(&opts))
+	root.AddCommand(newInspectCmd(&opts), newSimCmd(&opts), newMigCmd(&opts), newProfileCmd(&opts), newCdiCmd(&opts), newMPSCmd(&opts))
 	return root
 }
