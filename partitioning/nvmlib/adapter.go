@@ -617,6 +617,33 @@ func (a *adapter) Telemetry(index int) (Telemetry, error) {
 	return t, nil
 }
 
+func (a *adapter) ECCErrors(index int) (ECCCounts, error) {
+	d, err := a.device(index)
+	if err != nil {
+		return ECCCounts{}, err
+	}
+	var c ECCCounts
+	for _, q := range []struct {
+		typ nvml.MemoryErrorType
+		ctr nvml.EccCounterType
+		dst *uint64
+	}{
+		{nvml.MEMORY_ERROR_TYPE_CORRECTED, nvml.VOLATILE_ECC, &c.VolatileCorrected},
+		{nvml.MEMORY_ERROR_TYPE_UNCORRECTED, nvml.VOLATILE_ECC, &c.VolatileUncorrected},
+		{nvml.MEMORY_ERROR_TYPE_UNCORRECTED, nvml.AGGREGATE_ECC, &c.AggregateUncorrected},
+	} {
+		v, ret := d.GetTotalEccErrors(q.typ, q.ctr)
+		switch ret {
+		case nvml.SUCCESS:
+			*q.dst = v
+		case nvml.ERROR_NOT_SUPPORTED: // ECC off or not offered: counters stay zero
+		default:
+			return ECCCounts{}, newErr("GetTotalEccErrors", index, ret)
+		}
+	}
+	return c, nil
+}
+
 func (a *adapter) Processes(index int) ([]Process, error) {
 	d, err := a.device(index)
 	if err != nil {

@@ -51,6 +51,9 @@ type Interface interface {
 	SetComputeMode(index int, mode ComputeMode) error
 	// Telemetry samples the GPU's live readings.
 	Telemetry(index int) (Telemetry, error)
+	// ECCErrors returns the GPU's ECC error counters. Volatile counters restart at zero when the GPU
+	// is reset, which is how a reset is observed; aggregate counters persist.
+	ECCErrors(index int) (ECCCounts, error)
 	// Processes lists the compute processes running on the GPU (on any of its MIG devices).
 	Processes(index int) ([]Process, error)
 
@@ -184,6 +187,13 @@ type Telemetry struct {
 	PowerMilliwatts   int    `json:"powerMilliwatts"`
 	TemperatureC      int    `json:"temperatureC"`
 	SMClockMHz        int    `json:"smClockMHz"`
+}
+
+// ECCCounts are a GPU's ECC error counters.
+type ECCCounts struct {
+	VolatileCorrected    uint64 `json:"volatileCorrected"`
+	VolatileUncorrected  uint64 `json:"volatileUncorrected"`
+	AggregateUncorrected uint64 `json:"aggregateUncorrected"`
 }
 
 // Process is a compute process on a GPU.

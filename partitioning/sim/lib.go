@@ -524,6 +524,25 @@ func (d *device) GetComputeRunningProcesses() ([]nvml.ProcessInfo, nvml.Return) 
 	return out, nvml.SUCCESS
 }
 
+func (d *device) GetTotalEccErrors(t nvml.MemoryErrorType, c nvml.EccCounterType) (uint64, nvml.Return) {
+	st, ret := d.live()
+	if ret != nvml.SUCCESS {
+		return 0, ret
+	}
+	e := st.ECC
+	switch {
+	case t == nvml.MEMORY_ERROR_TYPE_CORRECTED && c == nvml.VOLATILE_ECC:
+		return e.SingleBit, nvml.SUCCESS
+	case t == nvml.MEMORY_ERROR_TYPE_UNCORRECTED && c == nvml.VOLATILE_ECC:
+		return e.DoubleBit, nvml.SUCCESS
+	case t == nvml.MEMORY_ERROR_TYPE_CORRECTED && c == nvml.AGGREGATE_ECC:
+		return e.AggregateSingleBit, nvml.SUCCESS
+	case t == nvml.MEMORY_ERROR_TYPE_UNCORRECTED && c == nvml.AGGREGATE_ECC:
+		return e.AggregateDoubleBit, nvml.SUCCESS
+	}
+	return 0, nvml.ERROR_INVALID_ARGUMENT
+}
+
 func (d *device) GetSupportedEventTypes() (uint64, nvml.Return) {
 	return static(d, uint64(nvml.EventTypeXidCriticalError|nvml.EventTypeDoubleBitEccError|nvml.EventTypeSingleBitEccError))
 }

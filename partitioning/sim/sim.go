@@ -126,8 +126,12 @@ func (n *Node) InjectXID(gpu int, xid uint64, gi, ci int) error {
 	}
 	if err := n.store.updateGPU(gpu, func(st *gpuState) error {
 		st.LastXID = xid
-		if xid == 79 {
+		switch xid {
+		case 79:
 			st.Lost = true
+		case 48, 95: // double-bit / uncontained ECC errors count as uncorrected ECC errors
+			st.ECC.DoubleBit++
+			st.ECC.AggregateDoubleBit++
 		}
 		return nil
 	}); err != nil {
@@ -148,8 +152,10 @@ func (n *Node) InjectECC(gpu int, doubleBit bool) error {
 	if err := n.store.updateGPU(gpu, func(st *gpuState) error {
 		if doubleBit {
 			st.ECC.DoubleBit++
+			st.ECC.AggregateDoubleBit++
 		} else {
 			st.ECC.SingleBit++
+			st.ECC.AggregateSingleBit++
 		}
 		return nil
 	}); err != nil {
@@ -289,7 +295,7 @@ func (n *Node) Clear(gpu int) error {
 func (n *Node) ResetGPU(gpu int) error {
 	return n.eachGPU(gpu, func(i int, st *gpuState) {
 		resetGPU(st, n.store.node.Model(i))
-		st.ECC = eccCounts{}
+		st.ECC.SingleBit, st.ECC.DoubleBit = 0, 0 // volatile counters restart; aggregates persist
 		st.LastXID = 0
 	})
 }

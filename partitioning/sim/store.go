@@ -75,9 +75,12 @@ type procState struct {
 	CI     int    `json:"computeInstance"`
 }
 
+// eccCounts are volatile counters (a GPU reset clears them) and their aggregates (which persist).
 type eccCounts struct {
-	SingleBit uint64 `json:"singleBit"`
-	DoubleBit uint64 `json:"doubleBit"`
+	SingleBit          uint64 `json:"singleBit"`
+	DoubleBit          uint64 `json:"doubleBit"`
+	AggregateSingleBit uint64 `json:"aggregateSingleBit"`
+	AggregateDoubleBit uint64 `json:"aggregateDoubleBit"`
 }
 
 type fileKey struct {
