@@ -524,7 +524,16 @@ func convertHealth(c *collector, h *NVIDIAHealth, p *SharingProfile) {
 	if h == nil {
 		return
 	}
-	hs := &HealthSettings{Disabled: h.Disabled, IgnoredXIDs: h.IgnoredXIDs}
+	hs := &HealthSettings{Disabled: h.Disabled}
+	for i, x := range h.IgnoredXIDs {
+		if slices.Contains(ResetXIDs, x) {
+			// NVIDIA's plugin lets this through and serves a GPU that needs a reset; a drop-in must
+			// accept the file, so the entry is dropped with a warning rather than refused.
+			c.warnf(idx("health.ignoredXIDs", i), "XID %d is not ignored: the GPU must be reset before it can be used again", x)
+			continue
+		}
+		hs.IgnoredXIDs = append(hs.IgnoredXIDs, x)
+	}
 	if h.CriticalXIDs != nil && !h.CriticalXIDs.All {
 		hs.CriticalXIDs = h.CriticalXIDs.XIDs
 	}

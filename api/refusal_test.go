@@ -100,7 +100,8 @@ func TestRefusals(t *testing.T) {
 		{"mps root", head + "spec:\n  devicePlugin: {mpsRoot: run/mps}\n", "spec.devicePlugin.mpsRoot", "not an absolute path"},
 		{"pattern", head + "spec:\n  devicePlugin: {resources: {gpus: [{name: nvidia.com/a100}]}}\n", "spec.devicePlugin.resources.gpus[0].pattern", "pattern is empty"},
 		{"pattern name", head + "spec:\n  devicePlugin: {resources: {mig: [{pattern: \"1g*\"}]}}\n", "spec.devicePlugin.resources.mig[0].name", "resource name is empty"},
-		{"xids", head + "spec:\n  health: {ignoredXIDs: [48], criticalXIDs: [48]}\n", "spec.health.criticalXIDs[0]", "both ignored and critical"},
+		{"xids", head + "spec:\n  health: {ignoredXIDs: [94], criticalXIDs: [94]}\n", "spec.health.criticalXIDs[0]", "both ignored and critical"},
+		{"reset-xid", head + "spec:\n  health: {ignoredXIDs: [13, 79]}\n", "spec.health.ignoredXIDs[1]", "XID 79 cannot be ignored"},
 		// NVIDIA config
 		{"nv version", "version: v2\n", "version", "unknown version"},
 		{"nv unknown field", "version: v1\nflags: {migStrategy: none, migStratgy: mixed}\n", "flags.migStratgy", `did you mean "migStrategy"`},
@@ -128,7 +129,7 @@ func TestRefusals(t *testing.T) {
 		{"nv bad device", "version: v1\nsharing: {timeSlicing: {resources: [{name: nvidia.com/gpu, replicas: 2, devices: [\"first\"]}]}}\n", "sharing.timeSlicing.resources[0].devices[0]", "not a GPU index or UUID"},
 		{"nv event type", "version: v1\nhealth: {eventTypes: [EventTypeBad]}\n", "health.eventTypes[0]", "unknown event type"},
 		{"nv critical xids", "version: v1\nhealth: {criticalXIDs: some}\n", "health.criticalXIDs", "want \"all\""},
-		{"nv xids both", "version: v1\nhealth: {ignoredXIDs: [79], criticalXIDs: [79]}\n", "health.criticalXIDs[0]", "both ignored and critical"},
+		{"nv xids both", "version: v1\nhealth: {ignoredXIDs: [74], criticalXIDs: [74]}\n", "health.criticalXIDs[0]", "both ignored and critical"},
 		{"nv overlapping devices", "version: v1\nsharing:\n  timeSlicing: {resources: [{name: nvidia.com/gpu, replicas: 2, devices: [0, 1]}]}\n  mps: {resources: [{name: nvidia.com/gpu, replicas: 2, devices: [1]}]}\n", "(converted profile).spec.rules[1].selector.indices", "GPU 1 is also selected"},
 	}
 	for _, tc := range cases {

@@ -110,7 +110,8 @@ func (r *Resolution) ForGPU(uuid string) (Assignment, bool) {
 
 // MIGResourceName is the device plugin's resource for a MIG device of the given profile on this
 // node: a spec.devicePlugin.resources.mig pattern, else nvidia.com/mig-<profile> (mixed) or
-// nvidia.com/gpu (single); replicas of the profile may rename it.
+// nvidia.com/gpu (single); replicas of the profile may rename it. A profile's attribute suffix is
+// written with a dot, since `+` cannot appear in a resource name: 1g.10gb+me → nvidia.com/mig-1g.10gb.me.
 func (r *Resolution) MIGResourceName(a Assignment, profile string) string {
 	if a.MIG != nil {
 		for _, rep := range a.MIG.Replicas {
@@ -129,7 +130,7 @@ func (r *Resolution) MIGResourceName(a Assignment, profile string) string {
 	if r.DevicePlugin.MIGStrategy == "single" {
 		return "nvidia.com/gpu"
 	}
-	return "nvidia.com/mig-" + profile
+	return "nvidia.com/mig-" + strings.ReplaceAll(profile, "+", ".")
 }
 
 // Resolve applies a profile to a node's GPUs. It validates the profile, then gives every GPU

@@ -201,9 +201,19 @@ func validateResourceName(c *collector, name, path string) {
 	_ = short
 }
 
+// ResetXIDs are the XIDs after which a GPU is unusable until it is reset (double-bit ECC, fallen off
+// the bus, uncontained ECC). They always make a device unhealthy and cannot be ignored.
+var ResetXIDs = []uint64{48, 79, 95}
+
 func validateHealth(c *collector, h *HealthSettings, path string) {
 	if h == nil {
 		return
+	}
+	for i, x := range h.IgnoredXIDs {
+		if slices.Contains(ResetXIDs, x) {
+			c.errf(idx(path+".ignoredXIDs", i), "remove it: the GPU must be reset before it can be used again, so Tessera always marks it unhealthy",
+				"XID %d cannot be ignored", x)
+		}
 	}
 	for i, x := range h.CriticalXIDs {
 		if slices.Contains(h.IgnoredXIDs, x) {

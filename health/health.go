@@ -28,6 +28,7 @@ import (
 	"k8s.io/klog/v2"
 	"k8s.io/utils/clock"
 
+	"github.com/tessera-gpu/tessera/api"
 	"github.com/tessera-gpu/tessera/partitioning/nvmlib"
 )
 
@@ -45,15 +46,18 @@ const (
 var DefaultIgnoredXIDs = []uint64{13, 31, 43, 45, 68, 109}
 
 // DefaultResetXIDs are faults that need a GPU reset before the GPU can be trusted again.
-var DefaultResetXIDs = []uint64{48, 79, 95}
+var DefaultResetXIDs = api.ResetXIDs
 
 // DefaultQuietPeriod is how long a transient fault must stay quiet before the GPU is healthy again.
 const DefaultQuietPeriod = 5 * time.Minute
 
 // Policy classifies events.
 type Policy struct {
-	Ignored     map[uint64]bool
-	Reset       map[uint64]bool
+	Ignored map[uint64]bool
+	Reset   map[uint64]bool
+	// Critical, when not empty, lists the only XIDs (besides the reset class) that make a device
+	// unhealthy; every other XID is ignored (a profile's health.criticalXIDs).
+	Critical    map[uint64]bool
 	QuietPeriod time.Duration
 }
 
@@ -72,7 +76,7 @@ func DefaultPolicy() Policy {
 // WithIgnored returns the policy with more XIDs ignored. An XID of the reset class cannot be ignored:
 // the GPU is unusable after it, whatever the admin wishes.
 func (p Policy) WithIgnored(xids ...uint64) (Policy, error) {
-	out := Policy{Ignored: map[uint64]bool{}, Reset: p.Reset, QuietPeriod: p.QuietPeriod}
+	out := Policy{Ignored: map[uint64]bool{}, Reset: p.Reset, Critical: p.Critical, QuietPeriod: p.QuietPeriod}
 	for x := range p.Ignored {
 		out.Ignored[x] = true
 	}
@@ -83,6 +87,20 @@ func (p Policy) WithIgnored(xids ...uint64) (Policy, error) {
 		out.Ignored[x] = true
 	}
 	return out, nil
+}
+
+// WithCritical returns the policy with only these XIDs (and the reset class, which is always
+// critical) making a device unhealthy. No XIDs means every XID not ignored, as by default.
+func (p Policy) WithCritical(xids ...uint64) Policy {
+	out := p
+	out.Critical = nil
+	if len(xids) > 0 {
+		out.Critical = map[uint64]bool{}
+		for _, x := range xids {
+			out.Critical[x] = true
+		}
+	}
+	return out
 }
 
 // Classify says what an event does.
@@ -97,6 +115,8 @@ func (p Policy) Classify(e nvmlib.Event) Action {
 		case p.Reset[e.XID]:
 			return UntilReset
 		case p.Ignored[e.XID]:
+			return Ignore
+		case len(p.Critical) > 0 && !p.Critical[e.XID]:
 			return Ignore
 		}
 		return UntilQuiet
@@ -237,10 +257,28 @@ func (m *Monitor) Unhealthy() []Status {
 	return out
 }
 
+// SetPolicy replaces the policy for events from now on (a changed sharing profile); devices already
+// unhealthy keep their state until they recover.
+func (m *Monitor) SetPolicy(p Policy) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	m.policy = p
+}
+
+// Policy returns the policy in force.
+func (m *Monitor) Policy() Policy {
+	m.mu.RLock()
+	defer m.mu.RUnlock()
+	return m.policy
+}
+
 // Handle applies one event. Run calls it for NVML's events; it is exported for front ends that
 // receive events another way and for tests.
 func (m *Monitor) Handle(e nvmlib.Event) {
-	act := m.policy.Classify(e)
+	m.mu.RLock()
+	policy := m.policy
+	m.mu.RUnlock()
+	act := policy.Classify(e)
 	if act == Ignore || e.GPUIndex < 0 {
 		klog.V(2).InfoS("GPU event ignored", "gpu", e.GPUIndex, "type", e.Type, "xid", e.XID)
 		return
@@ -286,6 +324,7 @@ func (m *Monitor) publish(s Status) {
 func (m *Monitor) ProbeOnce() []Status {
 	now := m.clock.Now()
 	m.mu.RLock()
+	quiet := m.policy.QuietPeriod
 	cands := make([]Status, 0, len(m.status))
 	for _, s := range m.status {
 		cands = append(cands, *s)
@@ -294,7 +333,7 @@ func (m *Monitor) ProbeOnce() []Status {
 	var recovered []Status
 	probed := map[int]bool{}
 	for _, s := range cands {
-		if s.action == UntilQuiet && now.Sub(s.lastAt) < m.policy.QuietPeriod {
+		if s.action == UntilQuiet && now.Sub(s.lastAt) < quiet {
 			continue
 		}
 		ok, ready := probed[s.GPU]

@@ -169,3 +169,29 @@ func TestRunDeliversInjectedEvents(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+// criticalXIDs limits what counts (the reset class always counts); SetPolicy applies to later events.
+func TestCriticalXIDsAndSetPolicy(t *testing.T) {
+	p := health.DefaultPolicy().WithCritical(94)
+	for _, tc := range []struct {
+		xid  uint64
+		want health.Action
+	}{{94, health.UntilQuiet}, {74, health.Ignore}, {79, health.UntilReset}, {13, health.Ignore}} {
+		if got := p.Classify(xid(0, tc.xid)); got != tc.want {
+			t.Errorf("critical [94]: XID %d is %s, want %s", tc.xid, got, tc.want)
+		}
+	}
+	if health.DefaultPolicy().WithCritical().Classify(xid(0, 74)) != health.UntilQuiet {
+		t.Error("no critical list should leave XID 74 critical")
+	}
+	m, _, _, _ := setup(t)
+	m.SetPolicy(p)
+	m.Handle(xid(1, 74))
+	if !m.GPUHealthy(1) {
+		t.Error("XID 74 counted after SetPolicy(critical [94])")
+	}
+	m.Handle(xid(1, 94))
+	if m.GPUHealthy(1) {
+		t.Error("XID 94 ignored after SetPolicy(critical [94])")
+	}
+}

@@ -52,6 +52,9 @@ const (
 type Options struct {
 	// Dir is the mounted profile ConfigMap (one file per profile).
 	Dir string
+	// File, instead of Dir, is a single profile file (a SharingProfile or an NVIDIA config). Its
+	// content is watched; labels select nothing.
+	File string
 	// Labels gives the node's labels; nil means none.
 	Labels LabelSource
 	// Events receives Events; nil means none.
@@ -87,8 +90,8 @@ type Watcher struct {
 
 // NewWatcher checks the options and returns a Watcher; Run or Reload loads the first profile.
 func NewWatcher(opts Options) (*Watcher, error) {
-	if opts.Dir == "" {
-		return nil, errors.New("profile watcher: no directory")
+	if opts.Dir == "" && opts.File == "" {
+		return nil, errors.New("profile watcher: no directory or file")
 	}
 	if opts.GPUs == nil {
 		return nil, errors.New("profile watcher: no GPU source")
@@ -197,6 +200,14 @@ func isTransient(err error) bool {
 }
 
 func (w *Watcher) read() (Selection, []byte, error) {
+	if w.opts.File != "" {
+		sel := Selection{Name: filepath.Base(w.opts.File), By: "file " + w.opts.File}
+		data, err := os.ReadFile(w.opts.File)
+		if err != nil {
+			return sel, nil, fmt.Errorf("reading profile %q: %w", w.opts.File, err)
+		}
+		return sel, data, nil
+	}
 	names, err := ListProfiles(w.opts.Dir)
 	if err != nil {
 		return Selection{}, nil, fmt.Errorf("reading the profile directory: %w", err)

@@ -275,3 +275,33 @@ func TestNewWatcherNeedsOptions(t *testing.T) {
 		t.Error("no GPU source accepted")
 	}
 }
+
+// A single profile file (--config-file) is read and its content watched; a bad edit keeps the last
+// good profile.
+func TestWatcherReadsOneFile(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "config.yaml")
+	if err := os.WriteFile(path, []byte(nvMPS), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	w, err := NewWatcher(Options{File: path, GPUs: gpus(2)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	cur, changed, err := w.Reload(context.Background())
+	if err != nil || !changed || cur.Parsed.Format != api.FormatNVIDIA || cur.Selection.Name != "config.yaml" {
+		t.Fatalf("first load: %+v %v %v", cur, changed, err)
+	}
+	if err := os.WriteFile(path, []byte(bad), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if cur2, changed, err := w.Reload(context.Background()); err == nil || changed || cur2 != cur {
+		t.Fatalf("bad edit: changed=%v err=%v", changed, err)
+	}
+	if err := os.WriteFile(path, []byte(ts4), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	cur3, changed, err := w.Reload(context.Background())
+	if err != nil || !changed || cur3.Resolution.Assignments[0].Replicas != 4 {
+		t.Fatalf("good edit: %+v %v %v", cur3, changed, err)
+	}
+}

@@ -115,6 +115,14 @@ func TestSnapshotMixedAndMIG(t *testing.T) {
 	if s2.GPUs[0].Error != "" || len(s2.GPUs[0].MigDevices) != 1 {
 		t.Errorf("GPU 0 affected by GPU 1's loss: %+v", s2.GPUs[0])
 	}
+	// A new inventory, reading the topology while GPU 1 is lost: GPU 0 has no NVLink peer and no error.
+	s3, err := inventory.New(lib).Snapshot(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if s3.GPUs[0].Error != "" || len(s3.GPUs[0].NVLinkPeers) != 0 || s3.GPUs[1].Error == "" {
+		t.Errorf("topology read with a lost peer: GPU 0 %+v, GPU 1 error %q", s3.GPUs[0], s3.GPUs[1].Error)
+	}
 }
 
 func TestRenderFormats(t *testing.T) {

@@ -196,6 +196,11 @@ func (a *adapter) NVLinkPeers(index int) ([]int, error) {
 			}
 		case nvml.ERROR_NOT_SUPPORTED:
 			return nil, nil
+		case nvml.ERROR_GPU_IS_LOST:
+			if _, r := d.GetUUID(); r == nvml.ERROR_GPU_IS_LOST {
+				return nil, newErr("GetP2PStatus", index, ret)
+			}
+			continue // the peer fell off the bus: a lost peer is no peer
 		default:
 			return nil, newErr("GetP2PStatus", index, ret)
 		}
