@@ -269,6 +269,9 @@ type HealthSettings struct {
 	IgnoredXIDs []uint64 `json:"ignoredXIDs,omitempty"`
 	// CriticalXIDs, when set, are the only XIDs that make a device unhealthy.
 	CriticalXIDs []uint64 `json:"criticalXIDs,omitempty"`
+	// NoExecute (DRA driver only) taints an unhealthy device NoExecute instead of NoSchedule, so
+	// the cluster evicts the pods using it. Off by default: eviction is the admin's choice.
+	NoExecute bool `json:"noExecute,omitempty"`
 }
 
 // Device-list and ID strategies.

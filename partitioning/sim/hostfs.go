@@ -17,6 +17,7 @@ func newHost(n *Node) (*hostFS, error) {
 	spec := host.Spec{DriverVersion: r.Spec.DriverVersion, CUDAVersion: r.Spec.CUDAVersion}
 	for _, g := range r.GPUs {
 		spec.GPUMinors = append(spec.GPUMinors, g.Minor)
+		spec.PCI = append(spec.PCI, host.PCIDevice{BusID: g.PCIBusID, NUMANode: g.NUMANode})
 	}
 	h, err := host.Ensure(filepath.Join(n.store.dir, "host"), spec)
 	if err != nil {

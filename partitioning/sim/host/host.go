@@ -19,6 +19,7 @@
 //	driver/lib/firmware/nvidia/<version>/gsp_*.bin
 //	driver/run/nvidia-persistenced/socket (placeholder), driver/var/run -> ../run
 //	recorded/<tool>.log            what the stand-in tools were asked to do
+//	sys/bus/pci/devices/<bdf>      the GPUs' PCI devices, if Spec.PCI gives them (see SysRoot)
 //
 // Nothing here is real NVIDIA software: libraries and firmware are short text files that say what they
 // stand in for, so no dynamic loader can mistake them for loadable objects.
@@ -84,6 +85,8 @@ type Spec struct {
 	GPUMinors []int
 	// LibDir is the library directory relative to the driver root; DefaultLibDir if empty.
 	LibDir string
+	// PCI places the GPUs on the PCI bus under sys/ (see SysRoot); optional.
+	PCI []PCIDevice
 }
 
 // NodeKind says what the device nodes under dev/ are.
@@ -152,6 +155,16 @@ func (s Spec) normalized() (Spec, error) {
 			return Spec{}, fmt.Errorf("GPU minor %d is listed twice", m)
 		}
 	}
+	for _, d := range s.PCI {
+		bdf, err := normalizeBDF(d.BusID)
+		if err != nil {
+			return Spec{}, err
+		}
+		if d.NUMANode < 0 {
+			d.NUMANode = 0 // no NUMA affinity reported: node 0, as a single-node machine has
+		}
+		out.PCI = append(out.PCI, PCIDevice{BusID: bdf, NUMANode: d.NUMANode})
+	}
 	return out, nil
 }
 
@@ -199,6 +212,7 @@ func Ensure(root string, spec Spec) (*Host, error) {
 		{"proc", h.ensureProc},
 		{"driver", h.ensureDriver},
 		{"recorded", h.ensureRecordDir},
+		{"sys", h.ensureSys},
 		{"stale entries", h.removeStale},
 	} {
 		if err := step.fn(); err != nil {

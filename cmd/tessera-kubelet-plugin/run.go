@@ -1,0 +1,265 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"time"
+
+	"github.com/spf13/pflag"
+	"k8s.io/apimachinery/pkg/types"
+	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/rest"
+	"k8s.io/client-go/tools/clientcmd"
+	"k8s.io/dynamic-resource-allocation/kubeletplugin"
+	"k8s.io/klog/v2"
+
+	"github.com/tessera-gpu/tessera/api"
+	"github.com/tessera-gpu/tessera/cdi"
+	"github.com/tessera-gpu/tessera/dra"
+	"github.com/tessera-gpu/tessera/health"
+	"github.com/tessera-gpu/tessera/partitioning/backend"
+	"github.com/tessera-gpu/tessera/profile"
+)
+
+// version is stamped at build time (-ldflags "-X main.version=…").
+var version = "dev"
+
+type options struct {
+	backend             backend.Options
+	kubeconfig          string
+	nodeName            string
+	registryDir         string
+	pluginsDir          string
+	cdiDir              string
+	stateDir            string
+	configFile          string
+	metricsAddress      string
+	driverRoot          string
+	containerDriverRoot string
+	devRoot             string
+	procRoot            string
+	hookPath            string
+	sysfsRoot           string
+	qps                 float32
+	burst               int
+	podUID              string
+	resync              time.Duration
+	healthProbe         time.Duration
+}
+
+func (o *options) addFlags(fs *pflag.FlagSet) {
+	o.backend.AddFlags(fs)
+	fs.StringVar(&o.kubeconfig, "kubeconfig", os.Getenv("KUBECONFIG"), "kubeconfig of the API server (default: $KUBECONFIG, else the in-cluster config)")
+	fs.StringVar(&o.nodeName, "node-name", os.Getenv("NODE_NAME"), "the node this plugin serves (env NODE_NAME); required")
+	fs.StringVar(&o.registryDir, "kubelet-registry-dir", kubeletplugin.KubeletRegistryDir, "where the kubelet looks for plugin registration sockets")
+	fs.StringVar(&o.pluginsDir, "kubelet-plugins-dir", kubeletplugin.KubeletPluginsDir, "where plugins keep their sockets; the DRA socket is in <dir>/"+dra.DriverName)
+	fs.StringVar(&o.cdiDir, "cdi-dir", cdi.DefaultSpecDir, "where the container runtime reads CDI specs; the per-claim specs go there")
+	fs.StringVar(&o.stateDir, "state-dir", "/var/lib/tessera/dra", "persistent directory for the claim checkpoints and GPU lock files")
+	fs.StringVar(&o.configFile, "config-file", "", "sharing profile file (a key of the mounted profile ConfigMap); watched for changes. Without it every GPU is DRA's: whole, or its existing MIG devices when MIG mode is on")
+	fs.StringVar(&o.metricsAddress, "metrics-address", "", "host:port to serve /metrics and /healthz on (empty: off)")
+	fs.StringVar(&o.driverRoot, "driver-root", "/", "host directory the driver's files are installed under (/run/nvidia/driver under the GPU operator); simulated nodes: the simulator's host")
+	fs.StringVar(&o.containerDriverRoot, "container-driver-root", "/", "where containers see the driver root")
+	fs.StringVar(&o.devRoot, "dev-root", "/dev", "host directory holding the NVIDIA device nodes")
+	fs.StringVar(&o.procRoot, "proc-root", "/proc", "host procfs")
+	fs.StringVar(&o.hookPath, "cdi-hook-path", cdi.DefaultHookPath, "nvidia-cdi-hook as the container runtime sees it; simulated nodes: the simulator's stand-in")
+	fs.StringVar(&o.sysfsRoot, "sysfs-root", "", "host sysfs, for the PCIe root complex of each GPU (default /sys; simulated nodes: the simulator's)")
+	fs.Float32Var(&o.qps, "kube-api-qps", 500, "API client queries per second: one claim GET per prepare and one status write per claim, so keep it above the node's claim rate")
+	fs.IntVar(&o.burst, "kube-api-burst", 1000, "API client burst")
+	fs.StringVar(&o.podUID, "pod-uid", os.Getenv("POD_UID"), "this plugin pod's UID (env POD_UID, from the downward API): enables rolling updates, two instances serving side by side")
+	fs.DurationVar(&o.resync, "resync-interval", 30*time.Second, "how often the node's GPUs are read again (MIG devices made or removed outside the driver)")
+	fs.DurationVar(&o.healthProbe, "health-probe-interval", 10*time.Second, "how often unhealthy GPUs are probed for recovery")
+}
+
+func restConfig(o options) (*rest.Config, error) {
+	var cfg *rest.Config
+	var err error
+	if o.kubeconfig != "" {
+		cfg, err = clientcmd.BuildConfigFromFlags("", o.kubeconfig)
+	} else {
+		cfg, err = rest.InClusterConfig()
+	}
+	if err != nil {
+		return nil, fmt.Errorf("API client configuration: %w", err)
+	}
+	cfg.QPS, cfg.Burst = o.qps, o.burst
+	cfg.UserAgent = "tessera-kubelet-plugin/" + version
+	return cfg, nil
+}
+
+// defaultProfile is used without --config-file: every GPU belongs to DRA, whole, or as its existing
+// MIG devices when MIG mode is on.
+const defaultProfile = `apiVersion: tessera.dev/v1alpha1
+kind: SharingProfile
+spec:
+  defaults: {owner: dra, mode: whole}
+  rules:
+    - name: mig-on
+      selector: {migEnabled: true}
+      owner: dra
+      mode: mig-static
+      mig: {layout: existing}
+`
+
+// run serves until ctx ends. started, if not nil, is called once the first slices are published.
+func run(ctx context.Context, o options, started func(*dra.Driver)) error {
+	t0 := time.Now()
+	logger := klog.FromContext(ctx)
+	if o.nodeName == "" {
+		return errors.New("--node-name (or NODE_NAME) is required")
+	}
+	lib, node, err := o.backend.Open()
+	if err != nil {
+		return err
+	}
+	defer lib.Shutdown()
+	cfg, err := restConfig(o)
+	if err != nil {
+		return err
+	}
+	client, err := kubernetes.NewForConfig(cfg)
+	if err != nil {
+		return err
+	}
+	// Claim status writes get their own client (and rate limiter): they never delay a Prepare's GET.
+	statusClient, err := kubernetes.NewForConfig(cfg)
+	if err != nil {
+		return err
+	}
+
+	bootID := dra.ReadBootID
+	smi := filepath.Join(o.driverRoot, "usr/bin/nvidia-smi")
+	if node != nil {
+		h := node.Host()
+		o.driverRoot, o.devRoot, o.procRoot, o.hookPath = h.DriverRoot(), h.DevRoot(), h.ProcRoot(), h.ToolPath("nvidia-cdi-hook")
+		smi = h.ToolPath("nvidia-smi")
+		bootID = node.BootID
+		if o.sysfsRoot == "" {
+			o.sysfsRoot = h.SysRoot()
+		}
+	}
+	if o.sysfsRoot == "" {
+		o.sysfsRoot = "/sys"
+	}
+	sys, err := lib.System()
+	if err != nil {
+		return err
+	}
+	gen, err := cdi.New(cdi.WithDriverRoot(o.driverRoot), cdi.WithContainerDriverRoot(o.containerDriverRoot),
+		cdi.WithDevRoot(o.devRoot), cdi.WithProcRoot(o.procRoot), cdi.WithSpecDir(o.cdiDir),
+		cdi.WithHookPath(o.hookPath), cdi.WithDriverVersion(sys.DriverVersion))
+	if err != nil {
+		return err
+	}
+	if err := os.MkdirAll(o.cdiDir, 0o755); err != nil {
+		return err
+	}
+	events := profile.NewNodeEvents(client, o.nodeName, "tessera-kubelet-plugin")
+	defer events.Shutdown()
+
+	// The sharing profile: the file, watched; or the built-in default.
+	gpus := func(ctx context.Context) ([]api.GPUInfo, error) { return profile.GPUsFromNVML(ctx, lib) }
+	var watcher *profile.Watcher
+	var res *api.Resolution
+	if o.configFile != "" {
+		watcher, err = profile.NewWatcher(profile.Options{Dir: filepath.Dir(o.configFile), DefaultProfile: filepath.Base(o.configFile),
+			Events: events, GPUs: gpus})
+		if err != nil {
+			return err
+		}
+		cur, _, err := watcher.Reload(ctx)
+		if cur == nil {
+			return fmt.Errorf("sharing profile %s: %w", o.configFile, err)
+		}
+		res = cur.Resolution
+	} else {
+		p, err := api.ParseProfile([]byte(defaultProfile))
+		if err != nil {
+			return err
+		}
+		g, err := gpus(ctx)
+		if err != nil {
+			return err
+		}
+		if res, err = api.Resolve(p.Profile, g); err != nil {
+			return err
+		}
+	}
+	policy, err := dra.HealthPolicy(res.Health)
+	if err != nil {
+		return fmt.Errorf("sharing profile health settings: %w", err)
+	}
+	monitor := health.NewMonitor(lib, policy, health.WithProbeInterval(o.healthProbe))
+
+	d, err := dra.New(ctx, lib,
+		dra.WithNodeName(o.nodeName), dra.WithKubeClient(client), dra.WithStatusClient(statusClient), dra.WithStateDir(o.stateDir), dra.WithCDI(gen),
+		dra.WithBootID(bootID), dra.WithTimeSlicer(dra.NvidiaSMI{Path: smi}), dra.WithEvents(events),
+		dra.WithHealth(monitor), dra.WithVersion(version), dra.WithSysfsRoot(o.sysfsRoot), dra.WithResyncInterval(o.resync))
+	if err != nil {
+		return err
+	}
+	if err := d.SetResolution(ctx, res); err != nil {
+		return err
+	}
+	pluginDir := filepath.Join(o.pluginsDir, dra.DriverName)
+	if err := os.MkdirAll(pluginDir, 0o750); err != nil {
+		return err
+	}
+	hopts := []kubeletplugin.Option{
+		kubeletplugin.RegistrarDirectoryPath(o.registryDir),
+		kubeletplugin.PluginDataDirectoryPath(pluginDir),
+	}
+	if o.podUID != "" {
+		hopts = append(hopts, kubeletplugin.RollingUpdate(types.UID(o.podUID)))
+	}
+	if err := d.Start(ctx, hopts...); err != nil {
+		return err
+	}
+	defer d.Stop()
+	inv := d.Inventory()
+	logger.Info("Serving the kubelet", "driver", dra.DriverName, "node", o.nodeName, "version", version,
+		"devices", len(inv.Devices), "skippedGPUs", len(inv.Skipped), "bootID", d.BootID(), "startToFirstSlice", time.Since(t0))
+
+	if watcher != nil {
+		go func() {
+			_ = watcher.Run(ctx, func(cur *profile.Current) {
+				if err := d.SetResolution(ctx, cur.Resolution); err != nil {
+					logger.Error(err, "Applying the sharing profile")
+				}
+			})
+		}()
+	}
+	var srv *http.Server
+	if o.metricsAddress != "" {
+		ln, err := net.Listen("tcp", o.metricsAddress)
+		if err != nil {
+			return fmt.Errorf("--metrics-address: %w", err)
+		}
+		mux := http.NewServeMux()
+		mux.Handle("/metrics", d.Metrics())
+		mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) { _, _ = w.Write([]byte("ok\n")) })
+		srv = &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
+		go func() { _ = srv.Serve(ln) }()
+		logger.Info("Serving metrics", "address", ln.Addr().String())
+	}
+	if started != nil {
+		started(d)
+	}
+	var err2 error
+	select {
+	case <-ctx.Done():
+	case <-d.Done():
+		err2 = errors.New("the driver stopped after a fatal error (see the log)")
+	}
+	logger.Info("Shutting down")
+	if srv != nil {
+		sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		_ = srv.Shutdown(sctx)
+	}
+	return err2
+}

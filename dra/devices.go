@@ -1,0 +1,374 @@
+package dra
+
+import (
+	"fmt"
+	"slices"
+	"strconv"
+	"strings"
+
+	resourceapi "k8s.io/api/resource/v1"
+	"k8s.io/apimachinery/pkg/api/resource"
+	"k8s.io/dynamic-resource-allocation/deviceattribute"
+	"k8s.io/dynamic-resource-allocation/resourceslice"
+	"k8s.io/utils/ptr"
+
+	"github.com/tessera-gpu/tessera/api"
+	"github.com/tessera-gpu/tessera/cdi"
+	"github.com/tessera-gpu/tessera/partitioning/inventory"
+	"github.com/tessera-gpu/tessera/partitioning/nvmlib"
+)
+
+// DriverName is the DRA driver's name; the driver-domain attributes and capacities are in it.
+const DriverName = api.DriverName
+
+// TaintKey is the key of the taint an unhealthy device gets in its slice.
+const TaintKey = DriverName + "/unhealthy"
+
+// Device kinds (attribute "type").
+const (
+	TypeGPU = "gpu"
+	TypeMIG = "mig"
+)
+
+// Limits of a ResourceSlice (resource.k8s.io/v1): at most 128 devices, at most 64 when any device
+// uses counters or taints. Every slice we publish may carry taints, so we keep to 64.
+const (
+	MaxDevicesPerSlice        = 128
+	MaxDevicesPerTaintedSlice = 64
+)
+
+// Device is one device the driver publishes: a whole GPU (exclusive or time-sliced) or a MIG device.
+type Device struct {
+	// Name is the device's name in the pool: gpu-<index> or gpu-<index>-mig-<gi>-<ci>.
+	Name string
+	GPU  nvmlib.GPU
+	// MIG is set for a MIG device; Profile holds NVML's figures for its GPU-instance profile.
+	MIG     *nvmlib.MigDevice
+	Profile *nvmlib.MigProfile
+	// Mode is the GPU's mode from the sharing profile: whole, mig-static or time-sliced.
+	Mode api.Mode
+	// Replicas bounds the claims sharing a time-sliced GPU (0: no bound).
+	Replicas int
+	// Interval is a time-sliced GPU's time-slice interval.
+	Interval api.TimeSliceInterval
+}
+
+// Shared reports whether many claims may be allocated the device at once.
+func (d *Device) Shared() bool { return d.Mode == api.ModeTimeSliced }
+
+// UUID is the UUID of what the container gets: the GPU's or the MIG device's.
+func (d *Device) UUID() string {
+	if d.MIG != nil {
+		return d.MIG.UUID
+	}
+	return d.GPU.UUID
+}
+
+// CDI is the CDI device a container of a claim gets for this device.
+func (d *Device) CDI() cdi.Device {
+	if d.MIG != nil {
+		return cdi.MIGDevice(d.GPU, *d.MIG)
+	}
+	return cdi.WholeGPU(d.GPU)
+}
+
+// GPUName is the device name of a whole GPU.
+func GPUName(index int) string { return "gpu-" + strconv.Itoa(index) }
+
+// MIGName is the device name of a MIG device.
+func MIGName(index, gi, ci int) string { return fmt.Sprintf("gpu-%d-mig-%d-%d", index, gi, ci) }
+
+// Skipped is a GPU the profile gives to DRA that the driver does not publish, and why.
+type Skipped struct {
+	GPU    int
+	Mode   api.Mode
+	Reason string
+}
+
+// Inventory is what the driver publishes for its node at one moment.
+type Inventory struct {
+	// Pool is the node's pool (the node name).
+	Pool   string
+	System nvmlib.SystemInfo
+	// Devices in publishing order: by GPU index, a GPU's MIG devices by placement, GI and CI.
+	Devices []*Device
+	// Skipped lists GPUs owned by DRA that are not published, with the reason.
+	Skipped []Skipped
+	// TimeSliced lists the time-sliced GPUs with their interval, by index.
+	TimeSliced map[int]api.TimeSliceInterval
+
+	byName map[string]*Device
+}
+
+// Device looks a device up by name.
+func (inv *Inventory) Device(name string) (*Device, bool) {
+	d, ok := inv.byName[name]
+	return d, ok
+}
+
+// Features switch off what the cluster cannot store (see HandleError: a DroppedFieldsError).
+type Features struct {
+	// NoTimeSliced turns mode time-sliced off: it needs allowMultipleAllocations (DRAConsumableCapacity).
+	NoTimeSliced bool
+	// NoTaints stops publishing health taints (DRADeviceTaints); health still reaches the kubelet.
+	NoTaints bool
+}
+
+// BuildInput is what Build needs.
+type BuildInput struct {
+	Pool     string
+	Snapshot *inventory.Snapshot
+	// Resolution is the sharing profile resolved for the node; only GPUs owned by `dra` are used.
+	Resolution *api.Resolution
+	// Profiles returns a GPU's MIG profiles (NVML's figures for MIG devices).
+	Profiles func(gpu int) ([]nvmlib.MigProfile, error)
+	Features Features
+}
+
+// Build turns the node's GPUs and the sharing profile into the devices to publish. It is a pure
+// function of its input, so its output (and the slices made from it) are deterministic.
+func Build(in BuildInput) *Inventory {
+	inv := &Inventory{Pool: in.Pool, System: in.Snapshot.System, byName: map[string]*Device{}, TimeSliced: map[int]api.TimeSliceInterval{}}
+	assign := map[int]api.Assignment{}
+	for _, a := range in.Resolution.Assignments {
+		assign[a.GPU.Index] = a
+	}
+	for _, g := range in.Snapshot.GPUs {
+		a, ok := assign[g.Index]
+		if !ok || a.Owner != api.OwnerDRA {
+			continue
+		}
+		skip := func(format string, args ...any) {
+			inv.Skipped = append(inv.Skipped, Skipped{GPU: g.Index, Mode: a.Mode, Reason: fmt.Sprintf(format, args...)})
+		}
+		if g.UUID == "" || g.Error != "" {
+			skip("GPU cannot be read: %s", g.Error)
+			continue
+		}
+		switch a.Mode {
+		case api.ModeWhole, api.ModeTimeSliced:
+			if g.MigEnabled {
+				skip("MIG mode is on; mode %s needs it off (turn it off with `tessera mig apply` while the GPU is idle)", a.Mode)
+				continue
+			}
+			if a.Mode == api.ModeTimeSliced && in.Features.NoTimeSliced {
+				skip("the cluster dropped allowMultipleAllocations (feature DRAConsumableCapacity off), so time-sliced GPUs cannot be published")
+				continue
+			}
+			d := &Device{Name: GPUName(g.Index), GPU: g.GPU, Mode: a.Mode}
+			if a.Mode == api.ModeTimeSliced {
+				d.Replicas, d.Interval = a.Replicas, a.Interval
+				if d.Interval == "" {
+					d.Interval = api.IntervalDefault
+				}
+				inv.TimeSliced[g.Index] = d.Interval
+			}
+			inv.add(d)
+		case api.ModeMIGStatic:
+			if !g.MigEnabled {
+				skip("mode mig-static needs MIG mode on (`tessera mig apply`)")
+				continue
+			}
+			if len(g.MigDevices) == 0 {
+				skip("MIG mode is on but the GPU has no MIG devices (create them with `tessera mig apply`)")
+				continue
+			}
+			var profiles map[int]nvmlib.MigProfile
+			if in.Profiles != nil {
+				if ps, err := in.Profiles(g.Index); err == nil {
+					profiles = map[int]nvmlib.MigProfile{}
+					for _, p := range ps {
+						profiles[p.ID] = p
+					}
+				}
+			}
+			migs := slices.Clone(g.MigDevices)
+			slices.SortFunc(migs, func(x, y nvmlib.MigDevice) int {
+				return slices.Compare([]int{x.Placement.Start, x.GI, x.CI}, []int{y.Placement.Start, y.GI, y.CI})
+			})
+			for i := range migs {
+				m := migs[i]
+				d := &Device{Name: MIGName(g.Index, m.GI, m.CI), GPU: g.GPU, MIG: &m, Mode: a.Mode}
+				if p, ok := profiles[m.GIProfileID]; ok {
+					d.Profile = &p
+				}
+				inv.add(d)
+			}
+		default:
+			skip("mode %s is not served by this driver version (whole, mig-static and time-sliced are)", a.Mode)
+		}
+	}
+	return inv
+}
+
+func (inv *Inventory) add(d *Device) {
+	inv.Devices = append(inv.Devices, d)
+	inv.byName[d.Name] = d
+}
+
+// Taints gives the taints of devices by name (nil: none).
+type Taints map[string][]resourceapi.DeviceTaint
+
+// Attributes options.
+type attrOptions struct {
+	// pcieRoot resolves a PCI bus ID to its PCIe root complex ("" when unknown).
+	pcieRoot func(busID string) string
+}
+
+// DriverResources is the node's pool: one ResourceSlice per GPU with devices, in GPU order (slice
+// order is allocation priority), a GPU's devices in Inventory order. A pool without devices is one
+// empty slice, so the scheduler sees the driver is up.
+func (inv *Inventory) DriverResources(taints Taints, o attrOptions) resourceslice.DriverResources {
+	var slicesOut []resourceslice.Slice
+	var cur []resourceapi.Device
+	curGPU := -1
+	flush := func() {
+		for len(cur) > 0 {
+			n := min(len(cur), MaxDevicesPerTaintedSlice)
+			slicesOut = append(slicesOut, resourceslice.Slice{Devices: cur[:n:n]})
+			cur = cur[n:]
+		}
+		cur = nil
+	}
+	for _, d := range inv.Devices {
+		if d.GPU.Index != curGPU {
+			flush()
+			curGPU = d.GPU.Index
+		}
+		rd := d.resource(inv.System, o)
+		if ts := taints[d.Name]; len(ts) > 0 {
+			rd.Taints = slices.Clone(ts)
+		}
+		cur = append(cur, rd)
+	}
+	flush()
+	if len(slicesOut) == 0 {
+		slicesOut = []resourceslice.Slice{{}}
+	}
+	return resourceslice.DriverResources{Pools: map[string]resourceslice.Pool{inv.Pool: {Slices: slicesOut}}}
+}
+
+func str(s string) resourceapi.DeviceAttribute { return resourceapi.DeviceAttribute{StringValue: &s} }
+func num(n int) resourceapi.DeviceAttribute {
+	v := int64(n)
+	return resourceapi.DeviceAttribute{IntValue: &v}
+}
+
+// resource is the device as published.
+func (d *Device) resource(sys nvmlib.SystemInfo, o attrOptions) resourceapi.Device {
+	g := d.GPU
+	attrs := map[resourceapi.QualifiedName]resourceapi.DeviceAttribute{
+		"type":         str(TypeGPU),
+		"mode":         str(string(d.Mode)),
+		"uuid":         str(d.UUID()),
+		"productName":  str(g.ProductName),
+		"brand":        str(g.Brand),
+		"architecture": str(g.Architecture),
+		"index":        num(g.Index),
+		"minor":        num(g.Minor),
+	}
+	for name, v := range map[resourceapi.QualifiedName]string{
+		"cudaComputeCapability": g.ComputeCapability,
+		"driverVersion":         sys.DriverVersion,
+		"cudaDriverVersion":     sys.CUDADriverVersion,
+	} {
+		if sv, ok := Semver(v); ok {
+			attrs[name] = resourceapi.DeviceAttribute{VersionValue: &sv}
+		}
+	}
+	if bus, ok := PCIBusID(g.PCIBusID); ok {
+		attrs[deviceattribute.StandardDeviceAttributePCIBusID] = str(bus)
+		if o.pcieRoot != nil {
+			if root := o.pcieRoot(bus); root != "" {
+				attrs[deviceattribute.StandardDeviceAttributePCIeRoot] = str(root)
+			}
+		}
+	}
+	if g.NUMANode >= 0 {
+		attrs[deviceattribute.StandardDeviceAttributeNUMANode] = num(g.NUMANode)
+	}
+	capacity := map[resourceapi.QualifiedName]resourceapi.DeviceCapacity{}
+	mib := func(n uint64) resourceapi.DeviceCapacity {
+		return resourceapi.DeviceCapacity{Value: *resource.NewQuantity(int64(n)<<20, resource.BinarySI)}
+	}
+	count := func(n int) resourceapi.DeviceCapacity {
+		return resourceapi.DeviceCapacity{Value: *resource.NewQuantity(int64(n), resource.DecimalSI)}
+	}
+	out := resourceapi.Device{Name: d.Name, Attributes: attrs, Capacity: capacity}
+	switch {
+	case d.MIG != nil:
+		m := d.MIG
+		attrs["type"] = str(TypeMIG)
+		attrs["parentUUID"] = str(g.UUID)
+		attrs["profile"] = str(m.Profile)
+		attrs["placementStart"] = num(m.Placement.Start)
+		attrs["placementSize"] = num(m.Placement.Size)
+		capacity["memory"] = mib(m.MemoryMiB)
+		capacity["multiprocessors"] = count(m.SMCount)
+		if p := d.Profile; p != nil {
+			capacity["copyEngines"] = count(p.CopyEngines)
+			capacity["decoders"] = count(p.Decoders)
+			capacity["encoders"] = count(p.Encoders)
+			capacity["jpegEngines"] = count(p.JPEGs)
+			capacity["ofaEngines"] = count(p.OFAs)
+		}
+	case d.Shared():
+		// Many claims share the GPU. A claim that names no capacity would consume all of each
+		// capacity, so memory is published with a request policy that consumes none of it (time
+		// slicing reserves no memory; a claim can still select on it with CEL) and, when the profile
+		// bounds the sharers, "clients" is consumed one per claim.
+		attrs["timeSliceInterval"] = str(string(d.Interval))
+		zero := resource.MustParse("0")
+		c := mib(g.MemoryMiB)
+		c.RequestPolicy = &resourceapi.CapacityRequestPolicy{Default: &zero, ValidValues: []resource.Quantity{zero}}
+		capacity["memory"] = c
+		if d.Replicas > 0 {
+			one := resource.MustParse("1")
+			cl := count(d.Replicas)
+			cl.RequestPolicy = &resourceapi.CapacityRequestPolicy{Default: &one, ValidValues: []resource.Quantity{one}}
+			capacity["clients"] = cl
+		}
+		out.AllowMultipleAllocations = ptr.To(true)
+	default:
+		capacity["memory"] = mib(g.MemoryMiB)
+	}
+	return out
+}
+
+// Semver turns an NVML version ("570.133.20", "9.0", "12.8", "535.104.05") into a semantic version
+// the API server accepts: three numeric components without leading zeros.
+func Semver(v string) (string, bool) {
+	parts := strings.Split(strings.TrimSpace(v), ".")
+	if len(parts) == 0 || len(parts) > 3 {
+		return "", false
+	}
+	for len(parts) < 3 {
+		parts = append(parts, "0")
+	}
+	for i, p := range parts {
+		n, err := strconv.ParseUint(p, 10, 32)
+		if err != nil {
+			return "", false
+		}
+		parts[i] = strconv.FormatUint(n, 10)
+	}
+	return strings.Join(parts, "."), true
+}
+
+// PCIBusID turns NVML's bus ID ("00000000:18:00.0") into the standard attribute's extended BDF form
+// ("0000:18:00.0").
+func PCIBusID(nvml string) (string, bool) {
+	s := strings.ToLower(strings.TrimSpace(nvml))
+	dom, rest, ok := strings.Cut(s, ":")
+	if !ok || len(dom) < 4 {
+		return "", false
+	}
+	if strings.Trim(dom[:len(dom)-4], "0") != "" {
+		return "", false
+	}
+	bus := dom[len(dom)-4:] + ":" + rest
+	if _, err := deviceattribute.GetPCIBusIDAttribute(bus); err != nil {
+		return "", false
+	}
+	return bus, true
+}

@@ -1,0 +1,392 @@
+package dra
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"slices"
+	"sync"
+	"time"
+
+	resourceapi "k8s.io/api/resource/v1"
+	"k8s.io/apimachinery/pkg/types"
+	"k8s.io/dynamic-resource-allocation/kubeletplugin"
+	"k8s.io/klog/v2"
+)
+
+// PrepareResourceClaims implements kubeletplugin.DRAPlugin. Claims are prepared concurrently.
+func (d *Driver) PrepareResourceClaims(ctx context.Context, claims []*resourceapi.ResourceClaim) (map[types.UID]kubeletplugin.PrepareResult, error) {
+	out := make(map[types.UID]kubeletplugin.PrepareResult, len(claims))
+	if len(claims) == 1 {
+		out[claims[0].UID] = d.prepareClaim(ctx, claims[0])
+		return out, nil
+	}
+	var mu sync.Mutex
+	var wg sync.WaitGroup
+	for _, c := range claims {
+		wg.Go(func() {
+			r := d.prepareClaim(ctx, c)
+			mu.Lock()
+			out[c.UID] = r
+			mu.Unlock()
+		})
+	}
+	wg.Wait()
+	return out, nil
+}
+
+func (d *Driver) prepareClaim(ctx context.Context, claim *resourceapi.ResourceClaim) kubeletplugin.PrepareResult {
+	start := time.Now()
+	ref := ClaimRef{UID: claim.UID, Namespace: claim.Namespace, Name: claim.Name}
+	logger := klog.FromContext(ctx).WithValues("claim", ref.String())
+	sw := &stopwatch{last: start}
+	devs, err := d.prepare(klog.NewContext(ctx, logger), claim, ref, sw)
+	d.metrics.observePrepare(time.Since(start), err)
+	if err != nil {
+		logger.Error(err, "Prepare failed")
+		return kubeletplugin.PrepareResult{Err: fmt.Errorf("claim %s: %w", ref, err)}
+	}
+	logger.V(2).Info("Prepared", append([]any{"devices", len(devs), "duration", time.Since(start)}, sw.laps...)...)
+	return kubeletplugin.PrepareResult{Devices: devs}
+}
+
+func resultOf(c *Checkpoint) []kubeletplugin.Device {
+	out := make([]kubeletplugin.Device, 0, len(c.Devices))
+	for _, pd := range c.Devices {
+		kd := kubeletplugin.Device{Requests: pd.Requests, PoolName: pd.Pool, DeviceName: pd.Device}
+		if pd.CDIDeviceID != "" {
+			kd.CDIDeviceIDs = []string{pd.CDIDeviceID}
+		}
+		if pd.ShareID != "" {
+			id := types.UID(pd.ShareID)
+			kd.ShareID = &id
+		}
+		out = append(out, kd)
+	}
+	return out
+}
+
+// sameAllocation reports whether a checkpoint records exactly these results.
+func sameAllocation(c *Checkpoint, results []resourceapi.DeviceRequestAllocationResult) bool {
+	if len(c.Devices) != len(results) {
+		return false
+	}
+	for i, r := range results {
+		pd := c.Devices[i]
+		share := ""
+		if r.ShareID != nil {
+			share = string(*r.ShareID)
+		}
+		if pd.Pool != r.Pool || pd.Device != r.Device || pd.ShareID != share || len(pd.Requests) != 1 || pd.Requests[0] != r.Request {
+			return false
+		}
+	}
+	return true
+}
+
+// stopwatch records how long each step of a Prepare took, for the log.
+type stopwatch struct {
+	last time.Time
+	laps []any
+}
+
+func (s *stopwatch) lap(name string) {
+	now := time.Now()
+	s.laps = append(s.laps, name, now.Sub(s.last))
+	s.last = now
+}
+
+func (d *Driver) prepare(ctx context.Context, claim *resourceapi.ResourceClaim, ref ClaimRef, sw *stopwatch) ([]kubeletplugin.Device, error) {
+	if claim.Status.Allocation == nil {
+		return nil, errors.New("claim is not allocated")
+	}
+	var results []resourceapi.DeviceRequestAllocationResult
+	for _, r := range claim.Status.Allocation.Devices.Results {
+		if r.Driver == DriverName {
+			results = append(results, r)
+		}
+	}
+	// Prepared already (a retry, or the kubelet preparing again after a restart): the same answer.
+	d.idxMu.Lock()
+	prev := d.index[ref.UID]
+	d.idxMu.Unlock()
+	if prev != nil && prev.Phase == PhaseCompleted && prev.BootID == d.bootID && sameAllocation(prev, results) {
+		if err := d.ensureSpec(prev); err != nil {
+			return nil, err
+		}
+		return resultOf(prev), nil
+	}
+
+	// What the allocation asks for, checked against what this node publishes now.
+	inv := d.inv.Load()
+	if inv == nil {
+		return nil, errors.New("the driver has not published its devices yet")
+	}
+	prepared := make([]PreparedDevice, 0, len(results))
+	for _, r := range results {
+		if r.Pool != inv.Pool {
+			return nil, fmt.Errorf("device %s is from pool %q, but this node's pool is %q", r.Device, r.Pool, inv.Pool)
+		}
+		dev, ok := inv.Device(r.Device)
+		if !ok {
+			// MIG devices may have been made since the last read of the node: read it once more.
+			if err := d.rebuild(ctx); err == nil {
+				inv = d.inv.Load()
+				dev, ok = inv.Device(r.Device)
+			}
+			if !ok {
+				return nil, fmt.Errorf("device %s is not (or no longer) published by this node", r.Device)
+			}
+		}
+		if r.ShareID != nil && !dev.Shared() || r.ShareID == nil && dev.Shared() {
+			return nil, fmt.Errorf("device %s: allocation share ID does not match the device (shared: %v)", r.Device, dev.Shared())
+		}
+		cfg, err := configFor(claim.Status.Allocation, r.Request)
+		if err != nil {
+			return nil, err
+		}
+		interval, err := checkConfig(cfg, dev)
+		if err != nil {
+			return nil, err
+		}
+		pd := PreparedDevice{Requests: []string{r.Request}, Pool: r.Pool, Device: r.Device, Mode: dev.Mode, CDI: dev.CDI(), Interval: interval}
+		if r.ShareID != nil {
+			pd.ShareID = string(*r.ShareID)
+		}
+		pd.AdminAccess = r.AdminAccess != nil && *r.AdminAccess
+		prepared = append(prepared, pd)
+	}
+	c := &Checkpoint{Format: CheckpointFormat, DriverVersion: d.version, Claim: ref, BootID: d.bootID, Phase: PhaseStarted, Devices: prepared}
+
+	sw.lap("check")
+	gpus := c.GPUs()
+	if prev != nil {
+		gpus = append(gpus, prev.GPUs()...) // a prepare of an earlier allocation is undone below
+	}
+	unlock, err := d.locks.Lock(ctx, gpus)
+	if err != nil {
+		return nil, err
+	}
+	defer unlock()
+	sw.lap("lock")
+	d.idxMu.Lock()
+	d.inflight[ref.UID] = true
+	d.idxMu.Unlock()
+	defer func() {
+		d.idxMu.Lock()
+		delete(d.inflight, ref.UID)
+		d.idxMu.Unlock()
+	}()
+	if err := d.refreshIndex(); err != nil {
+		return nil, err
+	}
+	if err := d.checkInUse(c); err != nil {
+		return nil, err
+	}
+	if old := d.indexed(ref.UID); old != nil && old.Phase != "unreadable" {
+		// A prepare of this claim that did not complete, or one of an earlier allocation (a claim can
+		// be deallocated and allocated again under the same UID): undo it first.
+		if err := d.undo(ctx, old, true); err != nil {
+			return nil, err
+		}
+	}
+
+	// Phase 1: started, durably, before anything on the node changes.
+	d.idxMu.Lock()
+	d.index[ref.UID] = c
+	d.idxMu.Unlock()
+	sw.lap("inUse")
+	if err := d.ckpt.write(c); err != nil {
+		d.forget(ref.UID)
+		return nil, err
+	}
+	sw.lap("started")
+	if d.hooks.afterStarted != nil {
+		if err := d.hooks.afterStarted(ref); err != nil {
+			return nil, err // a simulated crash: nothing is undone
+		}
+	}
+	fail := func(err error) ([]kubeletplugin.Device, error) {
+		if uerr := d.undo(ctx, c, true); uerr != nil {
+			return nil, errors.Join(err, fmt.Errorf("rolling back: %w", uerr))
+		}
+		return nil, err
+	}
+	for _, pd := range c.Devices {
+		if pd.Interval != "" {
+			if err := d.slicer.SetTimeSlice(ctx, pd.CDI.GPU.Index, pd.Interval); err != nil {
+				return fail(err)
+			}
+		}
+	}
+	// Checkpoints in the index are never modified (other prepares read them): the completed one is a copy.
+	done := *c
+	done.Phase = PhaseCompleted
+	done.Devices = slices.Clone(c.Devices)
+	if len(c.Devices) > 0 {
+		devs, at := specDevices(c)
+		names, err := d.cdi.WriteClaimSpec(string(ref.UID), devs)
+		if err != nil {
+			return fail(err)
+		}
+		for i := range done.Devices {
+			done.Devices[i].CDIDeviceID = names[at[i]]
+		}
+	}
+	sw.lap("cdi")
+	if d.hooks.beforeCompleted != nil {
+		if err := d.hooks.beforeCompleted(ref); err != nil {
+			return nil, err // a simulated crash: nothing is undone
+		}
+	}
+	// Phase 2: completed.
+	if err := d.ckpt.write(&done); err != nil {
+		return fail(err)
+	}
+	sw.lap("completed")
+	d.idxMu.Lock()
+	d.index[ref.UID] = &done
+	d.idxMu.Unlock()
+	d.status.set(&done, false)
+	return resultOf(&done), nil
+}
+
+func (d *Driver) indexed(uid types.UID) *Checkpoint {
+	d.idxMu.Lock()
+	defer d.idxMu.Unlock()
+	return d.index[uid]
+}
+
+func (d *Driver) forget(uid types.UID) {
+	d.idxMu.Lock()
+	delete(d.index, uid)
+	d.idxMu.Unlock()
+}
+
+// refreshIndex brings the index in line with the checkpoint directory, which another driver
+// instance (a rolling update) may have changed. Entries for the GPUs whose locks the caller holds are
+// exact afterwards: every checkpoint of a GPU is written under its lock.
+func (d *Driver) refreshIndex() error {
+	uids, err := d.ckpt.list()
+	if err != nil {
+		return fmt.Errorf("listing checkpoints: %w", err)
+	}
+	onDisk := make(map[types.UID]bool, len(uids))
+	var missing []types.UID
+	d.idxMu.Lock()
+	for _, u := range uids {
+		onDisk[u] = true
+		if _, ok := d.index[u]; !ok {
+			missing = append(missing, u)
+		}
+	}
+	for u := range d.index {
+		if !onDisk[u] && !d.inflight[u] {
+			delete(d.index, u)
+		}
+	}
+	d.idxMu.Unlock()
+	for _, u := range missing {
+		c, err := d.ckpt.read(u)
+		if errors.Is(err, ErrNoCheckpoint) {
+			continue
+		}
+		if err != nil {
+			c = &Checkpoint{Claim: ClaimRef{UID: u}, Phase: "unreadable"}
+		}
+		d.idxMu.Lock()
+		if _, ok := d.index[u]; !ok {
+			d.index[u] = c
+		}
+		d.idxMu.Unlock()
+	}
+	return nil
+}
+
+// conflicts reports whether two prepared devices cannot be used by different claims at once.
+func conflicts(a, b PreparedDevice) bool {
+	if a.CDI.GPU.UUID != b.CDI.GPU.UUID || a.AdminAccess || b.AdminAccess {
+		return false
+	}
+	if a.Device == b.Device && a.ShareID != "" && b.ShareID != "" {
+		return false // both share a time-sliced GPU
+	}
+	if a.CDI.MIG != nil && b.CDI.MIG != nil {
+		return a.CDI.MIG.GI == b.CDI.MIG.GI && a.CDI.MIG.CI == b.CDI.MIG.CI
+	}
+	return true
+}
+
+// checkInUse refuses devices another claim has prepared: the driver is the last line of defense
+// against two workloads on one device. The caller holds the GPUs' locks.
+func (d *Driver) checkInUse(c *Checkpoint) error {
+	d.idxMu.Lock()
+	defer d.idxMu.Unlock()
+	for uid, other := range d.index {
+		if uid == c.Claim.UID {
+			continue
+		}
+		for _, od := range other.Devices {
+			for _, pd := range c.Devices {
+				if conflicts(pd, od) {
+					return fmt.Errorf("device %s is in use by claim %s (%s)", pd.Device, other.Claim, od.Device)
+				}
+			}
+		}
+	}
+	return nil
+}
+
+// UnprepareResourceClaims implements kubeletplugin.DRAPlugin. It works from the checkpoints: the
+// claims may be gone.
+func (d *Driver) UnprepareResourceClaims(ctx context.Context, claims []kubeletplugin.NamespacedObject) (map[types.UID]error, error) {
+	out := make(map[types.UID]error, len(claims))
+	var mu sync.Mutex
+	var wg sync.WaitGroup
+	for _, c := range claims {
+		wg.Go(func() {
+			start := time.Now()
+			err := d.unprepare(ctx, c)
+			d.metrics.observeUnprepare(time.Since(start), err)
+			if err != nil {
+				klog.FromContext(ctx).Error(err, "Unprepare failed", "claim", c.String())
+				err = fmt.Errorf("claim %s: %w", c, err)
+			}
+			mu.Lock()
+			out[c.UID] = err
+			mu.Unlock()
+		})
+	}
+	wg.Wait()
+	return out, nil
+}
+
+func (d *Driver) unprepare(ctx context.Context, obj kubeletplugin.NamespacedObject) error {
+	c, err := d.ckpt.read(obj.UID)
+	if errors.Is(err, ErrNoCheckpoint) {
+		// Never prepared, or unprepared already: make sure nothing is left.
+		d.forget(obj.UID)
+		return d.cdi.RemoveClaimSpec(string(obj.UID))
+	}
+	if err != nil {
+		return err
+	}
+	unlock, err := d.locks.Lock(ctx, c.GPUs())
+	if err != nil {
+		return err
+	}
+	defer unlock()
+	// Another instance may have unprepared it while we waited.
+	if c, err = d.ckpt.read(obj.UID); errors.Is(err, ErrNoCheckpoint) {
+		d.forget(obj.UID)
+		return nil
+	} else if err != nil {
+		return err
+	}
+	if err := d.undo(ctx, c, true); err != nil {
+		return err
+	}
+	d.status.set(c, true)
+	klog.FromContext(ctx).V(2).Info("Unprepared", "claim", c.Claim.String(), "devices", len(c.Devices))
+	return nil
+}
