@@ -461,9 +461,6 @@ func convertFlags(c *collector, f *NVIDIAFlags, dp *DevicePluginSettings) {
 		}
 	}
 	dp.FailOnInitError = f.FailOnInitError
-	if f.FailOnInitError != nil && !*f.FailOnInitError {
-		c.warnf("flags.failOnInitError", "false is not honoured yet: the plugin exits when NVML cannot be opened; keep it off GPU-less nodes with a node selector")
-	}
 	if f.MpsRoot != nil {
 		dp.MPSRoot = *f.MpsRoot
 	}

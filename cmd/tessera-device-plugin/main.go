@@ -123,6 +123,13 @@ func run(ctx context.Context, o options, started func(*plugin.Plugin)) error {
 	}
 	lib, node, err := o.backend.Open()
 	if err != nil {
+		if !failOnInitError(o.configFile) {
+			// NVIDIA's failOnInitError: false: on a node without a usable driver, wait instead of
+			// crash-looping, so one DaemonSet can cover mixed nodes.
+			klog.ErrorS(err, "NVML is not available; failOnInitError is false, so the plugin waits and serves nothing")
+			<-ctx.Done()
+			return nil
+		}
 		return err
 	}
 	defer lib.Shutdown()
@@ -330,4 +337,25 @@ func serveMetrics(ctx context.Context, addr string, p *plugin.Plugin) error {
 	}()
 	klog.InfoS("Serving metrics", "address", ln.Addr().String(), "paths", strings.Join([]string{"/metrics", "/healthz"}, ","))
 	return nil
+}
+
+// failOnInitError reads the config's failOnInitError (a file, or a directory's "default" key); true
+// unless the config says false.
+func failOnInitError(configFile string) bool {
+	if configFile == "" {
+		return true
+	}
+	path := configFile
+	if fi, err := os.Stat(path); err == nil && fi.IsDir() {
+		path = filepath.Join(path, "default")
+	}
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return true
+	}
+	p, err := api.ParseProfile(data)
+	if err != nil || p.Profile.Spec.DevicePlugin == nil || p.Profile.Spec.DevicePlugin.FailOnInitError == nil {
+		return true
+	}
+	return *p.Profile.Spec.DevicePlugin.FailOnInitError
 }

@@ -210,3 +210,41 @@ func TestConfigDirectoryFollowsEdits(t *testing.T) {
 		t.Errorf("a content edit re-registered the resource (%d registrations)", s.Registrations)
 	}
 }
+
+// failOnInitError: without a driver the plugin exits with the error by default, and with
+// failOnInitError: false it waits (serving nothing) until it is stopped.
+func TestFailOnInitError(t *testing.T) {
+	dir := shortDir(t)
+	parse := func(args ...string) options {
+		var o options
+		fs := pflag.NewFlagSet(component, pflag.ContinueOnError)
+		o.addFlags(fs)
+		if err := fs.Parse(args); err != nil {
+			t.Fatal(err)
+		}
+		return o
+	}
+	err := run(context.Background(), parse("--nvml=real", "--device-plugin-dir", dir), nil)
+	if err == nil {
+		t.Skip("this machine has an NVIDIA driver")
+	}
+	if !strings.Contains(err.Error(), "--nvml=sim:") {
+		t.Fatalf("error %v: want the one-line hint about simulated nodes", err)
+	}
+	cfg := filepath.Join(dir, "config.yaml")
+	if err := os.WriteFile(cfg, []byte("version: v1\nflags:\n  failOnInitError: false\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	errc := make(chan error, 1)
+	go func() { errc <- run(ctx, parse("--nvml=real", "--device-plugin-dir", dir, "--config-file", cfg), nil) }()
+	select {
+	case err := <-errc:
+		t.Fatalf("with failOnInitError: false the plugin returned at once: %v", err)
+	case <-time.After(300 * time.Millisecond):
+	}
+	cancel()
+	if err := <-errc; err != nil {
+		t.Fatalf("stopped plugin: %v", err)
+	}
+}
