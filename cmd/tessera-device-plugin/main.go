@@ -138,18 +138,8 @@ func run(ctx context.Context, o options, started func(*plugin.Plugin)) error {
 	mpsOpts := []mps.Option{mps.WithRoot(o.mpsRoot), mps.WithDriverRoot(o.driverRoot)}
 	if node != nil {
 		h := node.Host()
-		if o.driverRoot == "/" {
-			o.driverRoot = h.DriverRoot()
-		}
-		if o.devRoot == "/dev" {
-			o.devRoot = h.DevRoot()
-		}
-		if o.procRoot == "/proc" {
-			o.procRoot = h.ProcRoot()
-		}
-		if o.hookPath == cdi.DefaultHookPath {
-			o.hookPath = h.ToolPath("nvidia-cdi-hook")
-		}
+		r := cdi.Roots{Driver: o.driverRoot, Dev: o.devRoot, Proc: o.procRoot, Hook: o.hookPath}.OnSimulatedHost(h)
+		o.driverRoot, o.devRoot, o.procRoot, o.hookPath = r.Driver, r.Dev, r.Proc, r.Hook
 		mpsOpts = []mps.Option{mps.WithRoot(o.mpsRoot), mps.ForSimulatedHost(h)}
 	}
 	gen, err := newCDI(o, lib)

@@ -135,7 +135,8 @@ func run(ctx context.Context, o options, started func(*dra.Driver)) error {
 	smi := filepath.Join(o.driverRoot, "usr/bin/nvidia-smi")
 	if node != nil {
 		h := node.Host()
-		o.driverRoot, o.devRoot, o.procRoot, o.hookPath = h.DriverRoot(), h.DevRoot(), h.ProcRoot(), h.ToolPath("nvidia-cdi-hook")
+		r := cdi.Roots{Driver: o.driverRoot, Dev: o.devRoot, Proc: o.procRoot, Hook: o.hookPath}.OnSimulatedHost(h)
+		o.driverRoot, o.devRoot, o.procRoot, o.hookPath = r.Driver, r.Dev, r.Proc, r.Hook
 		smi = h.ToolPath("nvidia-smi")
 		bootID = node.BootID
 		if o.sysfsRoot == "" {

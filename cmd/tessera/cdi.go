@@ -56,18 +56,9 @@ driver directories) and the hook to its stand-in nvidia-cdi-hook; a host without
 			if err != nil {
 				return err
 			}
-			flags := cmd.Flags()
 			if node != nil {
-				h := node.Host()
-				setDefault := func(name string, v *string, def string) {
-					if !flags.Changed(name) {
-						*v = def
-					}
-				}
-				setDefault("driver-root", &driverRoot, h.DriverRoot())
-				setDefault("dev-root", &devRoot, h.DevRoot())
-				setDefault("proc-root", &procRoot, h.ProcRoot())
-				setDefault("hook-path", &hookPath, h.ToolPath("nvidia-cdi-hook"))
+				r := cdi.Roots{Driver: driverRoot, Dev: devRoot, Proc: procRoot, Hook: hookPath}.OnSimulatedHost(node.Host())
+				driverRoot, devRoot, procRoot, hookPath = r.Driver, r.Dev, r.Proc, r.Hook
 			}
 			gopts := []cdi.Option{
 				cdi.WithDriverRoot(driverRoot), cdi.WithContainerDriverRoot(containerDriverRoot),
