@@ -31,6 +31,10 @@ type Phase string
 const (
 	PhaseStarted   Phase = "PrepareStarted"
 	PhaseCompleted Phase = "PrepareCompleted"
+	// PhaseDestroyPending: the claim was unprepared, but a MIG instance Prepare created could not be
+	// destroyed (processes still run on it, NVML's ERROR_IN_USE). The driver keeps trying; until it
+	// succeeds the placements it overlaps are tainted, and Prepare refuses them.
+	PhaseDestroyPending Phase = "UnprepareDestroyPending"
 )
 
 // ClaimRef names a claim.
@@ -61,6 +65,9 @@ type PreparedDevice struct {
 	// Interval is a time-slice interval the claim's parameters set on an exclusive GPU; Unprepare
 	// puts the GPU back to Default.
 	Interval api.TimeSliceInterval `json:"interval,omitempty"`
+	// Dynamic is the MIG instance Prepare creates for a mig-dynamic device (GI and CI are -1 in the
+	// PrepareStarted checkpoint, written before it exists).
+	Dynamic *DynamicMIG `json:"dynamic,omitempty"`
 }
 
 // Checkpoint is one claim's preparation record, one file per claim.

@@ -72,7 +72,7 @@ func checkConfig(cfg *api.GPUConfig, d *Device) (api.TimeSliceInterval, error) {
 	switch {
 	case interval == "":
 		return "", nil
-	case d.MIG != nil:
+	case d.MIG != nil || d.Dynamic != nil:
 		return "", fmt.Errorf("device %s is a MIG device: a time-slice interval does not apply to MIG devices; remove sharing.timeSlicing.interval", d.Name)
 	case d.Shared():
 		if interval != d.Interval {

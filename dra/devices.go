@@ -51,6 +51,10 @@ type Device struct {
 	Replicas int
 	// Interval is a time-sliced GPU's time-slice interval.
 	Interval api.TimeSliceInterval
+	// Dynamic is set for a device of a mig-dynamic GPU: the placement Prepare creates an instance at.
+	Dynamic *DynamicPlacement
+
+	consumes []resourceapi.DeviceCounterConsumption
 }
 
 // Shared reports whether many claims may be allocated the device at once.
@@ -64,7 +68,8 @@ func (d *Device) UUID() string {
 	return d.GPU.UUID
 }
 
-// CDI is the CDI device a container of a claim gets for this device.
+// CDI is the CDI device a container of a claim gets for this device (for a mig-dynamic device only
+// its GPU: the MIG device is made at Prepare).
 func (d *Device) CDI() cdi.Device {
 	if d.MIG != nil {
 		return cdi.MIGDevice(d.GPU, *d.MIG)
@@ -96,6 +101,11 @@ type Inventory struct {
 	Skipped []Skipped
 	// TimeSliced lists the time-sliced GPUs with their interval, by index.
 	TimeSliced map[int]api.TimeSliceInterval
+	// CounterSets are the counter sets of the mig-dynamic GPUs, by GPU index.
+	CounterSets []resourceapi.CounterSet
+	// Hidden lists placements of mig-dynamic GPUs not published because a MIG instance Tessera did
+	// not create overlaps them.
+	Hidden []string
 
 	byName map[string]*Device
 }
@@ -112,6 +122,10 @@ type Features struct {
 	NoTimeSliced bool
 	// NoTaints stops publishing health taints (DRADeviceTaints); health still reaches the kubelet.
 	NoTaints bool
+	// NoPartitionable turns mode mig-dynamic off: it needs shared counters (DRAPartitionableDevices).
+	NoPartitionable bool
+	// NoPartitionType stops naming the partition-type attribute (DRAPartitionableDevicesType, alpha).
+	NoPartitionType bool
 }
 
 // BuildInput is what Build needs.
@@ -122,6 +136,10 @@ type BuildInput struct {
 	Resolution *api.Resolution
 	// Profiles returns a GPU's MIG profiles (NVML's figures for MIG devices).
 	Profiles func(gpu int) ([]nvmlib.MigProfile, error)
+	// Instances returns a GPU's GPU instances (for mig-dynamic GPUs).
+	Instances func(gpu int) ([]nvmlib.GpuInstance, error)
+	// Owned are the GPU instances claims of this driver hold, by GPU UUID (from the checkpoints).
+	Owned    map[string][]ownedInstance
 	Features Features
 }
 
@@ -194,8 +212,45 @@ func Build(in BuildInput) *Inventory {
 				}
 				inv.add(d)
 			}
+		case api.ModeMIGDynamic:
+			if in.Features.NoPartitionable {
+				skip("the cluster dropped shared counters from our ResourceSlices (feature DRAPartitionableDevices off), so mig-dynamic GPUs cannot be published")
+				continue
+			}
+			if !g.MigEnabled {
+				if g.MigPending {
+					skip("MIG mode is pending and takes effect after a GPU reset (`tessera sim reset` on a simulated node, `nvidia-smi -r` on a real one)")
+				} else {
+					skip("mode mig-dynamic needs MIG mode on; the driver turns it on while the GPU is idle")
+				}
+				continue
+			}
+			if in.Profiles == nil || in.Instances == nil {
+				skip("MIG profiles or instances cannot be read")
+				continue
+			}
+			ps, err := in.Profiles(g.Index)
+			if err != nil {
+				skip("reading the MIG profiles: %v", err)
+				continue
+			}
+			gis, err := in.Instances(g.Index)
+			if err != nil {
+				skip("reading the GPU instances: %v", err)
+				continue
+			}
+			var allowed []string
+			if a.MIGDynamic != nil {
+				allowed = a.MIGDynamic.Profiles
+			}
+			hidden, err := inv.buildDynamic(g.GPU, allowed, ps, gis, in.Owned[g.UUID])
+			if err != nil {
+				skip("%v", err)
+				continue
+			}
+			inv.Hidden = append(inv.Hidden, hidden...)
 		default:
-			skip("mode %s is not served by this driver version (whole, mig-static and time-sliced are)", a.Mode)
+			skip("mode %s is not served by this driver version (whole, mig-static, mig-dynamic and time-sliced are)", a.Mode)
 		}
 	}
 	return inv
@@ -213,6 +268,8 @@ type Taints map[string][]resourceapi.DeviceTaint
 type attrOptions struct {
 	// pcieRoot resolves a PCI bus ID to its PCIe root complex ("" when unknown).
 	pcieRoot func(busID string) string
+	// noPartitionType leaves the slices' partitionTypeAttribute out.
+	noPartitionType bool
 }
 
 // DriverResources is the node's pool: one ResourceSlice per GPU with devices, in GPU order (slice
@@ -220,12 +277,22 @@ type attrOptions struct {
 // empty slice, so the scheduler sees the driver is up.
 func (inv *Inventory) DriverResources(taints Taints, o attrOptions) resourceslice.DriverResources {
 	var slicesOut []resourceslice.Slice
+	// Counter sets live in slices of their own (a slice holds devices or counters), 8 per slice.
+	for cs := inv.CounterSets; len(cs) > 0; {
+		n := min(len(cs), MaxCounterSetsPerSlice)
+		slicesOut = append(slicesOut, resourceslice.Slice{SharedCounters: cs[:n:n]})
+		cs = cs[n:]
+	}
 	var cur []resourceapi.Device
 	curGPU := -1
 	flush := func() {
 		for len(cur) > 0 {
 			n := min(len(cur), MaxDevicesPerTaintedSlice)
-			slicesOut = append(slicesOut, resourceslice.Slice{Devices: cur[:n:n]})
+			sl := resourceslice.Slice{Devices: cur[:n:n]}
+			if len(cur[0].ConsumesCounters) > 0 && !o.noPartitionType {
+				sl.PartitionTypeAttribute = ptr.To(PartitionTypeAttribute)
+			}
+			slicesOut = append(slicesOut, sl)
 			cur = cur[n:]
 		}
 		cur = nil
@@ -312,6 +379,25 @@ func (d *Device) resource(sys nvmlib.SystemInfo, o attrOptions) resourceapi.Devi
 			capacity["jpegEngines"] = count(p.JPEGs)
 			capacity["ofaEngines"] = count(p.OFAs)
 		}
+	case d.Dynamic != nil:
+		p := d.Dynamic.Profile
+		attrs["type"] = str(TypeMIG)
+		if d.Dynamic.Whole {
+			attrs["type"] = str(TypeGPU)
+		}
+		delete(attrs, "uuid") // made at Prepare
+		attrs["parentUUID"] = str(g.UUID)
+		attrs["profile"] = str(p.Name)
+		attrs["placementStart"] = num(d.Dynamic.Placement.Start)
+		attrs["placementSize"] = num(d.Dynamic.Placement.Size)
+		capacity["memory"] = mib(p.MemoryMiB)
+		capacity["multiprocessors"] = count(p.SMCount)
+		capacity["copyEngines"] = count(p.CopyEngines)
+		capacity["decoders"] = count(p.Decoders)
+		capacity["encoders"] = count(p.Encoders)
+		capacity["jpegEngines"] = count(p.JPEGs)
+		capacity["ofaEngines"] = count(p.OFAs)
+		out.ConsumesCounters = d.consumes
 	case d.Shared():
 		// Many claims share the GPU. A claim that names no capacity would consume all of each
 		// capacity, so memory is published with a request policy that consumes none of it (time

@@ -141,6 +141,7 @@ type Driver struct {
 	published  *resourceslice.DriverResources
 	publisher  Publisher
 	skipped    map[int]string
+	hidden     []string
 	timeSliced map[int]api.TimeSliceInterval
 	pcieRoots  sync.Map // bus ID → root ("" when unknown)
 
@@ -298,9 +299,18 @@ func (d *Driver) reconcile(ctx context.Context) error {
 			if err := d.undo(ctx, c, false); err != nil {
 				return err
 			}
+		case c.Phase == PhaseDestroyPending:
+			// Unprepared, but its MIG instance was still in use: keep trying (retryPending).
+			d.index[c.Claim.UID] = c
+			keep = append(keep, string(c.Claim.UID))
 		case c.Phase != PhaseCompleted:
 			logger.Info("Rolling back a prepare interrupted between its phases", "claim", c.Claim.String(), "phase", c.Phase)
-			if err := d.undo(ctx, c, true); err != nil {
+			if err := d.undo(ctx, c, true); errors.Is(err, nvmlib.ErrInUse) {
+				if err := d.destroyPending(c); err != nil {
+					return err
+				}
+				keep = append(keep, string(c.Claim.UID))
+			} else if err != nil {
 				return err
 			}
 		default:
@@ -323,12 +333,28 @@ func (d *Driver) reconcile(ctx context.Context) error {
 }
 
 // undo removes what a (partial) prepare made — its CDI spec and, when restore is set, the
-// time-slice intervals its parameters set — then its checkpoint.
+// time-slice intervals its parameters set and the MIG instances it created — then its checkpoint.
+// An instance still in use leaves the checkpoint in place and returns an error matching
+// nvmlib.ErrInUse (see destroyPending).
 func (d *Driver) undo(ctx context.Context, c *Checkpoint, restore bool) error {
 	if err := d.cdi.RemoveClaimSpec(string(c.Claim.UID)); err != nil {
 		return fmt.Errorf("claim %s: %w", c.Claim, err)
 	}
 	if restore {
+		var inUse error
+		for _, dev := range c.Devices {
+			if dev.Dynamic == nil {
+				continue
+			}
+			if err := destroyDynamic(d.lib, dev.CDI.GPU.Index, *dev.Dynamic); errors.Is(err, nvmlib.ErrInUse) {
+				inUse = errors.Join(inUse, err)
+			} else if err != nil {
+				return fmt.Errorf("claim %s: %w", c.Claim, err)
+			}
+		}
+		if inUse != nil {
+			return fmt.Errorf("claim %s: %w", c.Claim, inUse)
+		}
 		for _, dev := range c.Devices {
 			if dev.Interval == "" {
 				continue
@@ -410,9 +436,16 @@ func (d *Driver) rebuild(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("dra: reading the node's GPUs: %w", err)
 	}
-	inv := Build(BuildInput{Pool: d.node, Snapshot: snap, Resolution: res, Profiles: d.lib.MigProfiles, Features: d.features})
+	if d.ensureMIGMode(ctx, snap, res) {
+		if snap, err = d.reader.Snapshot(ctx); err != nil {
+			return fmt.Errorf("dra: reading the node's GPUs: %w", err)
+		}
+	}
+	inv := Build(BuildInput{Pool: d.node, Snapshot: snap, Resolution: res, Profiles: d.lib.MigProfiles,
+		Instances: d.lib.GpuInstances, Owned: d.ownedInstances(), Features: d.features})
 	d.inv.Store(inv)
 	d.reportSkipped(inv)
+	d.reportHidden(inv)
 	d.applyIntervals(ctx, inv)
 	return d.publishLocked(ctx)
 }
@@ -491,7 +524,7 @@ func (d *Driver) publishLocked(ctx context.Context) error {
 	if d.publisher == nil || inv == nil {
 		return nil
 	}
-	dr := inv.DriverResources(d.taints(inv), attrOptions{pcieRoot: d.pcieRoot})
+	dr := inv.DriverResources(d.taints(inv), d.attrOptions())
 	if d.published != nil && reflect.DeepEqual(*d.published, dr) {
 		return nil
 	}
@@ -548,6 +581,17 @@ func (d *Driver) HandleError(ctx context.Context, err error, msg string) {
 					d.features.NoTimeSliced, changed = true, true
 					d.event("Warning", ReasonModeOff, "the API server dropped allowMultipleAllocations from our ResourceSlices (feature DRAConsumableCapacity is off): mode time-sliced is turned off on this node; its GPUs are not published")
 				}
+			case "DRAPartitionableDevices":
+				if !d.features.NoPartitionable {
+					d.features.NoPartitionable, changed = true, true
+					d.event("Warning", ReasonModeOff, "the API server dropped shared counters from our ResourceSlices (feature DRAPartitionableDevices is off): mode mig-dynamic is turned off on this node; its GPUs are not published")
+				}
+			case "DRAPartitionableDevicesType":
+				// Alpha in Kubernetes 1.37: the slices mean the same without it.
+				if !d.features.NoPartitionType {
+					d.features.NoPartitionType, changed = true, true
+					klog.FromContext(ctx).Info("The API server does not keep partitionTypeAttribute (feature DRAPartitionableDevicesType is off); publishing without it")
+				}
 			case "DRADeviceTaints":
 				if !d.features.NoTaints {
 					d.features.NoTaints, changed = true, true
@@ -556,7 +600,11 @@ func (d *Driver) HandleError(ctx context.Context, err error, msg string) {
 			}
 		}
 		d.rebuildMu.Unlock()
-		klog.FromContext(ctx).Error(err, "ResourceSlice stored without some fields", "disabledFeatures", feats, "turnedOff", changed)
+		if slices.Equal(feats, []string{"DRAPartitionableDevicesType"}) {
+			klog.FromContext(ctx).V(2).Info("ResourceSlice stored without partitionTypeAttribute", "turnedOff", changed)
+		} else {
+			klog.FromContext(ctx).Error(err, "ResourceSlice stored without some fields", "disabledFeatures", feats, "turnedOff", changed)
+		}
 		if changed {
 			// Not from this goroutine: the slice controller is calling us.
 			go func() {
@@ -596,7 +644,7 @@ func (d *Driver) Start(ctx context.Context, opts ...kubeletplugin.Option) error 
 	}
 	if inv := d.inv.Load(); inv != nil {
 		d.rebuildMu.Lock()
-		dr := inv.DriverResources(d.taints(inv), attrOptions{pcieRoot: d.pcieRoot})
+		dr := inv.DriverResources(d.taints(inv), d.attrOptions())
 		d.rebuildMu.Unlock()
 		d.firstPublish(ctx, dr)
 	}
@@ -635,6 +683,7 @@ func (d *Driver) Run(ctx context.Context) {
 				case <-ctx.Done():
 					return
 				case <-t.C:
+					d.retryPending(ctx)
 					if err := d.rebuild(ctx); err != nil {
 						klog.FromContext(ctx).Error(err, "Resync")
 					}

@@ -47,21 +47,27 @@ func (d *Driver) healthDisabled() bool {
 // taints are the health taints of the devices: NoSchedule (or NoExecute where the profile opts in)
 // while a device is unhealthy, none once it recovers.
 func (d *Driver) taints(inv *Inventory) Taints {
-	if d.healthDisabled() || d.features.NoTaints {
+	if d.features.NoTaints {
 		return nil
+	}
+	out := d.inUseTaints(inv)
+	if d.healthDisabled() {
+		return out
 	}
 	bad := d.monitor.Unhealthy()
 	if len(bad) == 0 {
-		return nil
+		return out
 	}
 	effect := resourceapi.DeviceTaintEffectNoSchedule
 	if d.noExecute.Load() {
 		effect = resourceapi.DeviceTaintEffectNoExecute
 	}
-	out := Taints{}
+	if out == nil {
+		out = Taints{}
+	}
 	for _, dev := range inv.Devices {
 		if s, ok := d.unhealthy(dev, bad); ok {
-			out[dev.Name] = []resourceapi.DeviceTaint{{Key: TaintKey, Value: taintValue(s.Reason), Effect: effect}}
+			out[dev.Name] = append(out[dev.Name], resourceapi.DeviceTaint{Key: TaintKey, Value: taintValue(s.Reason), Effect: effect})
 		}
 	}
 	return out

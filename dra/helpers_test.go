@@ -76,7 +76,7 @@ func build(t testing.TB, lib nvmlib.Interface, res *api.Resolution, f Features) 
 	if err != nil {
 		t.Fatal(err)
 	}
-	return Build(BuildInput{Pool: testNode, Snapshot: snap, Resolution: res, Profiles: lib.MigProfiles, Features: f})
+	return Build(BuildInput{Pool: testNode, Snapshot: snap, Resolution: res, Profiles: lib.MigProfiles, Instances: lib.GpuInstances, Features: f})
 }
 
 // toSlices turns the pool into ResourceSlice objects as the ResourceSlice controller names them.
@@ -87,10 +87,12 @@ func toSlices(dr resourceslice.DriverResources, gen int64) []*resourceapi.Resour
 			out = append(out, &resourceapi.ResourceSlice{
 				ObjectMeta: metav1.ObjectMeta{Name: fmt.Sprintf("%d-%s-%s", i, DriverName, pool)},
 				Spec: resourceapi.ResourceSliceSpec{
-					Driver:   DriverName,
-					NodeName: ptr.To(testNode),
-					Pool:     resourceapi.ResourcePool{Name: pool, Generation: gen, ResourceSliceCount: int64(len(p.Slices))},
-					Devices:  s.Devices,
+					Driver:                 DriverName,
+					NodeName:               ptr.To(testNode),
+					Pool:                   resourceapi.ResourcePool{Name: pool, Generation: gen, ResourceSliceCount: int64(len(p.Slices))},
+					Devices:                s.Devices,
+					SharedCounters:         s.SharedCounters,
+					PartitionTypeAttribute: s.PartitionTypeAttribute,
 				},
 			})
 		}

@@ -12,6 +12,8 @@ import (
 	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/dynamic-resource-allocation/kubeletplugin"
 	"k8s.io/klog/v2"
+
+	"github.com/tessera-gpu/tessera/partitioning/nvmlib"
 )
 
 // PrepareResourceClaims implements kubeletplugin.DRAPlugin. Claims are prepared concurrently.
@@ -150,6 +152,9 @@ func (d *Driver) prepare(ctx context.Context, claim *resourceapi.ResourceClaim, 
 			return nil, err
 		}
 		pd := PreparedDevice{Requests: []string{r.Request}, Pool: r.Pool, Device: r.Device, Mode: dev.Mode, CDI: dev.CDI(), Interval: interval}
+		if dp := dev.Dynamic; dp != nil {
+			pd.Dynamic = &DynamicMIG{ProfileID: dp.Profile.ID, Profile: dp.Profile.Name, Placement: dp.Placement, GI: -1, CI: -1}
+		}
 		if r.ShareID != nil {
 			pd.ShareID = string(*r.ShareID)
 		}
@@ -206,25 +211,37 @@ func (d *Driver) prepare(ctx context.Context, claim *resourceapi.ResourceClaim, 
 			return nil, err // a simulated crash: nothing is undone
 		}
 	}
+	// Checkpoints in the index are never modified (other prepares read them): the completed one is a copy.
+	done := *c
+	done.Phase = PhaseCompleted
+	done.Devices = slices.Clone(c.Devices)
+	for i := range done.Devices {
+		done.Devices[i].Dynamic = nil // set once its instance exists: a failure destroys only what this Prepare made
+	}
 	fail := func(err error) ([]kubeletplugin.Device, error) {
-		if uerr := d.undo(ctx, c, true); uerr != nil {
+		if uerr := d.undo(ctx, &done, true); uerr != nil {
 			return nil, errors.Join(err, fmt.Errorf("rolling back: %w", uerr))
 		}
 		return nil, err
 	}
-	for _, pd := range c.Devices {
+	for i, pd := range c.Devices {
 		if pd.Interval != "" {
 			if err := d.slicer.SetTimeSlice(ctx, pd.CDI.GPU.Index, pd.Interval); err != nil {
 				return fail(err)
 			}
 		}
+		if pd.Dynamic != nil {
+			dm := *pd.Dynamic
+			dev, err := createDynamic(d.lib, pd.CDI.GPU, &dm)
+			if err != nil {
+				return fail(err)
+			}
+			done.Devices[i].Dynamic, done.Devices[i].CDI = &dm, dev
+		}
 	}
-	// Checkpoints in the index are never modified (other prepares read them): the completed one is a copy.
-	done := *c
-	done.Phase = PhaseCompleted
-	done.Devices = slices.Clone(c.Devices)
+	sw.lap("mig")
 	if len(c.Devices) > 0 {
-		devs, at := specDevices(c)
+		devs, at := specDevices(&done)
 		names, err := d.cdi.WriteClaimSpec(string(ref.UID), devs)
 		if err != nil {
 			return fail(err)
@@ -311,6 +328,9 @@ func conflicts(a, b PreparedDevice) bool {
 	if a.Device == b.Device && a.ShareID != "" && b.ShareID != "" {
 		return false // both share a time-sliced GPU
 	}
+	if a.Dynamic != nil && b.Dynamic != nil {
+		return a.Dynamic.Placement.Overlaps(b.Dynamic.Placement)
+	}
 	if a.CDI.MIG != nil && b.CDI.MIG != nil {
 		return a.CDI.MIG.GI == b.CDI.MIG.GI && a.CDI.MIG.CI == b.CDI.MIG.CI
 	}
@@ -383,7 +403,17 @@ func (d *Driver) unprepare(ctx context.Context, obj kubeletplugin.NamespacedObje
 	} else if err != nil {
 		return err
 	}
-	if err := d.undo(ctx, c, true); err != nil {
+	if c.Phase == PhaseDestroyPending {
+		return nil // unprepared already; retryPending destroys its MIG instance
+	}
+	if err := d.undo(ctx, c, true); errors.Is(err, nvmlib.ErrInUse) {
+		// The claim is done with; its instance is not free yet. Keep it ours and tainted, and report
+		// the claim unprepared so the pod can go.
+		if err := d.destroyPending(c); err != nil {
+			return err
+		}
+		d.republish(ctx)
+	} else if err != nil {
 		return err
 	}
 	d.status.set(c, true)
