@@ -42,7 +42,9 @@ func dynamicInventory(t testing.TB, lib nvmlib.Interface, doc string) *Inventory
 	return build(t, lib, resolve(t, lib, doc), Features{})
 }
 
-func profileIs(p string) string { return fmt.Sprintf(`device.attributes["gpu.tessera.dev"].profile == %q`, p) }
+func profileIs(p string) string {
+	return fmt.Sprintf(`device.attributes["gpu.tessera.dev"].profile == %q`, p)
+}
 
 func TestDynamicMIGPublishesCountersAndPlacements(t *testing.T) {
 	lib, _ := openSim(t, "dgx-h100")
