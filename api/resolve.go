@@ -64,6 +64,9 @@ type Assignment struct {
 	MIGDynamic *MIGDynamicSettings `json:"migDynamic,omitempty"`
 	// Shared holds the settings for mode shared, with defaults filled.
 	Shared *SharedSettings `json:"shared,omitempty"`
+	// Modes lists every mode a GPU is offered in when the profile gives it several (Mode is then the
+	// first); nil for one mode.
+	Modes []Mode `json:"modes,omitempty"`
 }
 
 // MPSClient is one MPS client slot.
@@ -210,6 +213,9 @@ func Resolve(p *SharingProfile, gpus []GPUInfo) (*Resolution, error) {
 }
 
 func assign(c *collector, p *SharingProfile, res *Resolution, g GPUInfo, s *Sharing, source, path string) Assignment {
+	if len(s.Modes) > 0 {
+		return assignModes(c, p, res, g, s, source, path)
+	}
 	a := Assignment{GPU: g, Source: source, Owner: s.Owner, Mode: s.Mode}
 	gpuRef := fmt.Sprintf("GPU %d (%s)", g.Index, g.ProductName)
 	if s.Owner == OwnerNone {
@@ -289,6 +295,29 @@ func assign(c *collector, p *SharingProfile, res *Resolution, g GPUInfo, s *Shar
 	if !a.MIGEnabled && g.MigEnabled {
 		c.warnf(path+".mode", "%s has MIG mode on; mode %s needs it off, which the owner does only while the GPU is idle", gpuRef, s.Mode)
 	}
+	return a
+}
+
+// assignModes resolves a GPU offered in several modes: Mode is the first, Modes all of them, and
+// the settings of each (time-slicing's replicas and interval, shared's settings) are filled in.
+func assignModes(c *collector, p *SharingProfile, res *Resolution, g GPUInfo, s *Sharing, source, path string) Assignment {
+	var a Assignment
+	for i, m := range s.Modes {
+		one := *s
+		one.Modes, one.Mode = nil, m
+		b := assign(c, p, res, g, &one, source, path)
+		if i == 0 {
+			a = b
+		}
+		switch m {
+		case ModeTimeSliced:
+			a.Replicas, a.Interval = b.Replicas, b.Interval
+		case ModeShared:
+			a.Shared = b.Shared
+		}
+	}
+	a.Modes = slices.Clone(s.Modes)
+	a.ComputeMode = "" // set per claim, by the mode it is prepared in
 	return a
 }
 

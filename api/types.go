@@ -131,6 +131,10 @@ type GPUSelector struct {
 type Sharing struct {
 	Owner Owner `json:"owner,omitempty"`
 	Mode  Mode  `json:"mode,omitempty"`
+	// Modes (DRA only, instead of Mode) offers the GPU in several modes at once — any of whole,
+	// time-sliced and shared — as sibling devices that consume one counter, so the scheduler gives
+	// the GPU one mode at a time: whichever the first claim on it asks for.
+	Modes []Mode `json:"modes,omitempty"`
 	// ResourceName overrides the device plugin's extended resource name for whole, time-sliced and
 	// mps GPUs (NVIDIA's `rename`). Device plugin only.
 	ResourceName string `json:"resourceName,omitempty"`

@@ -262,6 +262,10 @@ func validateSharing(c *collector, p *SharingProfile, s *Sharing, path string) {
 	default:
 		c.errf(path+".owner", fixOwner, "unknown owner %q", s.Owner)
 	}
+	if len(s.Modes) > 0 {
+		validateModes(c, p, s, path)
+		return
+	}
 	if s.Mode == "" {
 		c.errf(path+".mode", fixMode, "mode is required")
 		return
@@ -385,6 +389,54 @@ func validateSharing(c *collector, p *SharingProfile, s *Sharing, path string) {
 			if sh.MemoryStep != nil && sh.MemoryStep.Sign() <= 0 {
 				c.errf(sp+".memoryStep", "use a positive size such as 1Gi", "memoryStep must be positive")
 			}
+		}
+	}
+}
+
+// SiblingModes are the modes a GPU can be offered in at once (Sharing.Modes): all run with MIG
+// off, and the driver switches between them without a GPU reset.
+var SiblingModes = []Mode{ModeWhole, ModeTimeSliced, ModeShared}
+
+// validateModes checks a rule that offers a GPU in several modes, each with its own settings.
+func validateModes(c *collector, p *SharingProfile, s *Sharing, path string) {
+	mp := path + ".modes"
+	if s.Mode != "" {
+		c.errf(path+".mode", "remove mode; modes lists every mode the GPU is offered in", "mode and modes are both set")
+	}
+	if s.Owner == OwnerDevicePlugin {
+		c.errf(path+".owner", "set owner: dra, or pick one mode for the device plugin", "modes needs the DRA driver: only the scheduler can pick a GPU's mode per claim")
+	}
+	if len(s.Modes) < 2 {
+		c.errf(mp, "list two or more of whole, time-sliced and shared, or use mode", "modes has %d entry", len(s.Modes))
+	}
+	seen := map[Mode]bool{}
+	want := map[string]bool{}
+	for i, m := range s.Modes {
+		switch {
+		case !slices.Contains(SiblingModes, m):
+			c.errf(idx(mp, i), "use whole, time-sliced or shared", "mode %q cannot be offered beside others: MIG modes need MIG mode on (a GPU reset on Ampere) and mps needs the device plugin", m)
+			continue
+		case seen[m]:
+			c.errf(idx(mp, i), "list each mode once", "mode %s is listed twice", m)
+			continue
+		}
+		seen[m] = true
+		want[blockFor(m)] = true
+		one := *s
+		one.Modes, one.Mode = nil, m
+		// Each mode is checked with its own settings only.
+		one.TimeSlicing, one.Shared = nil, nil
+		if m == ModeTimeSliced {
+			one.TimeSlicing = s.TimeSlicing
+		}
+		if m == ModeShared {
+			one.Shared = s.Shared
+		}
+		validateSharing(c, p, &one, path)
+	}
+	for _, b := range setBlocks(s) {
+		if !want[b] {
+			c.errf(path+"."+b, "remove "+b+" or add its mode to modes", "none of the modes %v uses %s settings", s.Modes, b)
 		}
 	}
 }

@@ -55,10 +55,14 @@ type Device struct {
 	Dynamic *DynamicPlacement
 
 	consumes []resourceapi.DeviceCounterConsumption
+	sibling  bool
 }
 
 // Shared reports whether many claims may be allocated the device at once.
 func (d *Device) Shared() bool { return d.Mode == api.ModeTimeSliced }
+
+// Sibling reports whether the device is one of several modes its GPU is offered in.
+func (d *Device) Sibling() bool { return d.sibling }
 
 // UUID is the UUID of what the container gets: the GPU's or the MIG device's.
 func (d *Device) UUID() string {
@@ -161,6 +165,18 @@ func Build(in BuildInput) *Inventory {
 		}
 		if g.UUID == "" || g.Error != "" {
 			skip("GPU cannot be read: %s", g.Error)
+			continue
+		}
+		if len(a.Modes) > 0 && in.Features.NoPartitionable {
+			// Without shared counters siblings would not exclude each other: offer the first mode only.
+			a.Modes = nil
+		}
+		if len(a.Modes) > 0 {
+			if g.MigEnabled {
+				skip("MIG mode is on; modes %v need it off (turn it off with `tessera mig apply` while the GPU is idle)", a.Modes)
+				continue
+			}
+			inv.buildSiblings(g.GPU, a, in.Features)
 			continue
 		}
 		switch a.Mode {
@@ -289,7 +305,7 @@ func (inv *Inventory) DriverResources(taints Taints, o attrOptions) resourceslic
 		for len(cur) > 0 {
 			n := min(len(cur), MaxDevicesPerTaintedSlice)
 			sl := resourceslice.Slice{Devices: cur[:n:n]}
-			if len(cur[0].ConsumesCounters) > 0 && !o.noPartitionType {
+			if _, typed := cur[0].Attributes["profile"]; typed && len(cur[0].ConsumesCounters) > 0 && !o.noPartitionType {
 				sl.PartitionTypeAttribute = ptr.To(PartitionTypeAttribute)
 			}
 			slicesOut = append(slicesOut, sl)
@@ -361,7 +377,7 @@ func (d *Device) resource(sys nvmlib.SystemInfo, o attrOptions) resourceapi.Devi
 	count := func(n int) resourceapi.DeviceCapacity {
 		return resourceapi.DeviceCapacity{Value: *resource.NewQuantity(int64(n), resource.DecimalSI)}
 	}
-	out := resourceapi.Device{Name: d.Name, Attributes: attrs, Capacity: capacity}
+	out := resourceapi.Device{Name: d.Name, Attributes: attrs, Capacity: capacity, ConsumesCounters: d.consumes}
 	switch {
 	case d.MIG != nil:
 		m := d.MIG
@@ -397,7 +413,6 @@ func (d *Device) resource(sys nvmlib.SystemInfo, o attrOptions) resourceapi.Devi
 		capacity["encoders"] = count(p.Encoders)
 		capacity["jpegEngines"] = count(p.JPEGs)
 		capacity["ofaEngines"] = count(p.OFAs)
-		out.ConsumesCounters = d.consumes
 	case d.Shared():
 		// Many claims share the GPU. A claim that names no capacity would consume all of each
 		// capacity, so memory is published with a request policy that consumes none of it (time

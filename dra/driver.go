@@ -356,8 +356,8 @@ func (d *Driver) undo(ctx context.Context, c *Checkpoint, restore bool) error {
 			return fmt.Errorf("claim %s: %w", c.Claim, inUse)
 		}
 		for _, dev := range c.Devices {
-			if dev.Interval == "" {
-				continue
+			if dev.Interval == "" || (dev.ShareID != "" && d.othersOnGPU(c.Claim.UID, dev.CDI.GPU.UUID)) {
+				continue // a GPU still shared keeps its interval until the last claim goes
 			}
 			if err := d.slicer.SetTimeSlice(ctx, dev.CDI.GPU.Index, api.IntervalDefault); err != nil {
 				return fmt.Errorf("claim %s: restoring the time-slice interval: %w", c.Claim, err)
@@ -371,6 +371,23 @@ func (d *Driver) undo(ctx context.Context, c *Checkpoint, restore bool) error {
 	delete(d.index, c.Claim.UID)
 	d.idxMu.Unlock()
 	return nil
+}
+
+// othersOnGPU reports whether a claim other than uid has devices on the GPU.
+func (d *Driver) othersOnGPU(uid types.UID, gpuUUID string) bool {
+	d.idxMu.Lock()
+	defer d.idxMu.Unlock()
+	for u, c := range d.index {
+		if u == uid {
+			continue
+		}
+		for _, pd := range c.Devices {
+			if pd.CDI.GPU.UUID == gpuUUID {
+				return true
+			}
+		}
+	}
+	return false
 }
 
 // ensureSpec writes a prepared claim's CDI spec again if it is missing.

@@ -13,6 +13,7 @@ import (
 	"k8s.io/dynamic-resource-allocation/kubeletplugin"
 	"k8s.io/klog/v2"
 
+	"github.com/tessera-gpu/tessera/api"
 	"github.com/tessera-gpu/tessera/partitioning/nvmlib"
 )
 
@@ -150,6 +151,11 @@ func (d *Driver) prepare(ctx context.Context, claim *resourceapi.ResourceClaim, 
 		interval, err := checkConfig(cfg, dev)
 		if err != nil {
 			return nil, err
+		}
+		if dev.Sibling() && dev.Mode == api.ModeTimeSliced {
+			// The GPU is time-sliced only while such claims hold it: the profile's interval is set
+			// at Prepare and put back when the last of them goes.
+			interval = dev.Interval
 		}
 		pd := PreparedDevice{Requests: []string{r.Request}, Pool: r.Pool, Device: r.Device, Mode: dev.Mode, CDI: dev.CDI(), Interval: interval}
 		if dp := dev.Dynamic; dp != nil {

@@ -51,6 +51,16 @@ spec:
     - {name: ts, selector: {indices: [3]}, owner: dra, mode: time-sliced, timeSlicing: {interval: Medium}}
 `
 
+// GPU 0 mig-dynamic (its whole-GPU device and 25 placements), GPU 1 whole.
+const draDynamicProfile = `apiVersion: tessera.dev/v1alpha1
+kind: SharingProfile
+spec:
+  defaults: {owner: device-plugin, mode: whole}
+  rules:
+    - {name: dynamic, selector: {indices: [0]}, owner: dra, mode: mig-dynamic}
+    - {name: whole, selector: {indices: [1]}, owner: dra, mode: whole}
+`
+
 const draAllMIGProfile = `apiVersion: tessera.dev/v1alpha1
 kind: SharingProfile
 spec:
@@ -87,15 +97,20 @@ func startDRADriverWith(t *testing.T, ctx context.Context, c *harness.Cluster, l
 		t.Fatal(err)
 	}
 	gpus, profileDoc := "[2]", draProfile
-	if layout == "all-1g" {
+	switch layout {
+	case "all-1g":
 		gpus, profileDoc = "all", draAllMIGProfile
+	case "dynamic":
+		gpus, profileDoc = "", draDynamicProfile // the driver turns MIG mode on and makes instances itself
 	}
-	cfg, err := mig.ParseConfig([]byte("version: v1\nmig-configs:\n  c:\n    - devices: "+gpus+"\n      mig-enabled: true\n      mig-devices: {\"1g.10gb\": 7}\n"), "e2e")
-	if err != nil {
-		t.Fatal(err)
-	}
-	if rep, err := mig.Apply(ctx, lib, cfg, "c", mig.Options{}); err != nil || !rep.OK() {
-		t.Fatalf("mig apply: %v %+v", err, rep)
+	if gpus != "" {
+		cfg, err := mig.ParseConfig([]byte("version: v1\nmig-configs:\n  c:\n    - devices: "+gpus+"\n      mig-enabled: true\n      mig-devices: {\"1g.10gb\": 7}\n"), "e2e")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if rep, err := mig.Apply(ctx, lib, cfg, "c", mig.Options{}); err != nil || !rep.OK() {
+			t.Fatalf("mig apply: %v %+v", err, rep)
+		}
 	}
 	lib.Shutdown()
 	profileFile := filepath.Join(dir, "profiles", "dra")
