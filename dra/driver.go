@@ -546,7 +546,7 @@ func (d *Driver) HandleError(ctx context.Context, err error, msg string) {
 			case "DRAConsumableCapacity":
 				if !d.features.NoTimeSliced {
 					d.features.NoTimeSliced, changed = true, true
-					d.event("Warning", ReasonModeOff, "the API server dropped allowMultipleAllocations from our ResourceSlices (feature DRAConsumableCapacity is off): mode time-sliced is turned off on this node; its GPUs are not published")
+					d.event("Warning", ReasonModeOff, "the API server dropped allowMultipleAllocations from our ResourceSlices (feature DRAConsumableCapacity is off): modes time-sliced and shared are turned off on this node; their GPUs are not published")
 				}
 			case "DRADeviceTaints":
 				if !d.features.NoTaints {
