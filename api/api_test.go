@@ -400,10 +400,10 @@ func TestSharedDefaults(t *testing.T) {
 		t.Fatal(err)
 	}
 	type want struct {
-		iso                  Mode
+		iso                   Mode
 		step, reserve, defMem string
-		pct                  int
-		computeMode          string
+		pct                   int
+		computeMode           string
 	}
 	for i, w := range []want{
 		{ModeTimeSliced, "1Gi", "0", "1Gi", 10, "Default"},
