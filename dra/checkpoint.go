@@ -61,6 +61,15 @@ type PreparedDevice struct {
 	// Interval is a time-slice interval the claim's parameters set on an exclusive GPU; Unprepare
 	// puts the GPU back to Default.
 	Interval api.TimeSliceInterval `json:"interval,omitempty"`
+	// MemoryMiB and ComputePercent are the share of a GPU in mode shared the claim consumed (the
+	// allocation's consumedCapacity), Isolation the GPU's isolation then. Optional: format 1
+	// checkpoints without them read as before.
+	MemoryMiB      uint64   `json:"memoryMiB,omitempty"`
+	ComputePercent int      `json:"computePercent,omitempty"`
+	Isolation      api.Mode `json:"isolation,omitempty"`
+	// MPSClient is the client registered with the GPU's MPS daemon for a shared GPU with isolation
+	// mps (claim UID/share ID); its limits are CDI.MPS's. Unprepare removes it.
+	MPSClient string `json:"mpsClient,omitempty"`
 }
 
 // Checkpoint is one claim's preparation record, one file per claim.
