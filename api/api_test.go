@@ -383,3 +383,46 @@ func TestMIGModeWarning(t *testing.T) {
 		t.Errorf("source %s", r.Assignments[2].Source)
 	}
 }
+
+// Mode shared gets its defaults filled by Resolve: a 1Gi step, no reserve, one step per claim by
+// default, and a compute default that does not hand a claim the whole GPU.
+func TestSharedDefaults(t *testing.T) {
+	p := mustParse(t, head+`spec:
+  rules:
+    - {selector: {indices: [0]}, owner: dra, mode: shared}
+    - {selector: {indices: [1]}, owner: dra, mode: shared, shared: {isolation: mps, maxClients: 4}}
+    - {selector: {indices: [2]}, owner: dra, mode: shared, shared: {maxClients: 3, memoryStep: 512Mi, memoryReserve: 2Gi, defaultMemory: 4Gi, defaultComputePercent: 25}}
+    - {selector: {indices: [3]}, owner: dra, mode: shared, shared: {maxClients: 300}}
+  defaults: {owner: none}
+`)
+	res, err := Resolve(p.Profile, h100Node())
+	if err != nil {
+		t.Fatal(err)
+	}
+	type want struct {
+		iso                   Mode
+		step, reserve, defMem string
+		pct                   int
+		computeMode           string
+	}
+	for i, w := range []want{
+		{ModeTimeSliced, "1Gi", "0", "1Gi", 10, "Default"},
+		{ModeMPS, "1Gi", "0", "1Gi", 25, "ExclusiveProcess"},
+		{ModeTimeSliced, "512Mi", "2Gi", "4Gi", 25, "Default"},
+		{ModeTimeSliced, "1Gi", "0", "1Gi", 1, "Default"},
+	} {
+		a := res.Assignments[i]
+		sh := a.Shared
+		if sh == nil {
+			t.Fatalf("GPU %d: no shared settings", i)
+		}
+		got := want{sh.Isolation, sh.MemoryStep.String(), sh.MemoryReserve.String(), sh.DefaultMemory.String(), sh.DefaultComputePercent, a.ComputeMode}
+		if got != w {
+			t.Errorf("GPU %d: got %+v, want %+v", i, got, w)
+		}
+	}
+	// Filling defaults does not write into the parsed profile.
+	if p.Profile.Spec.Rules[0].Shared != nil || p.Profile.Spec.Rules[1].Shared.MemoryStep != nil {
+		t.Error("Resolve changed the profile")
+	}
+}

@@ -75,6 +75,12 @@ func TestRefusals(t *testing.T) {
 		{"shared clients", head + "spec:\n  defaults: {owner: dra, mode: shared, shared: {maxClients: -1}}\n", "spec.defaults.shared.maxClients", "maxClients is -1"},
 		{"shared mps clients", head + "spec:\n  defaults: {owner: dra, mode: shared, shared: {isolation: mps, maxClients: 60}}\n", "spec.defaults.shared.maxClients", "at most 48"},
 		{"shared step", head + "spec:\n  defaults: {owner: dra, mode: shared, shared: {memoryStep: \"0\"}}\n", "spec.defaults.shared.memoryStep", "positive"},
+		{"shared reserve", head + "spec:\n  defaults: {owner: dra, mode: shared, shared: {memoryReserve: \"-1Gi\"}}\n", "spec.defaults.shared.memoryReserve", "negative"},
+		{"shared default memory zero", head + "spec:\n  defaults: {owner: dra, mode: shared, shared: {defaultMemory: \"0\"}}\n", "spec.defaults.shared.defaultMemory", "must be positive"},
+		{"shared default memory step", head + "spec:\n  defaults: {owner: dra, mode: shared, shared: {memoryStep: 2Gi, defaultMemory: 3Gi}}\n", "spec.defaults.shared.defaultMemory", "not a multiple of memoryStep 2Gi"},
+		{"shared default memory default step", head + "spec:\n  defaults: {owner: dra, mode: shared, shared: {defaultMemory: 1536Mi}}\n", "spec.defaults.shared.defaultMemory", "not a multiple of memoryStep 1Gi"},
+		{"shared compute high", head + "spec:\n  defaults: {owner: dra, mode: shared, shared: {defaultComputePercent: 101}}\n", "spec.defaults.shared.defaultComputePercent", "is 101"},
+		{"shared compute negative", head + "spec:\n  defaults: {owner: dra, mode: shared, shared: {defaultComputePercent: -5}}\n", "spec.defaults.shared.defaultComputePercent", "is -5"},
 		{"resourceName for dra", head + "spec:\n  defaults: {owner: dra, mode: whole, resourceName: nvidia.com/x}\n", "spec.defaults.resourceName", "device-plugin setting"},
 		{"resourceName for mig", head + "spec:\n  defaults: {owner: device-plugin, mode: mig-static, mig: {layout: existing}, resourceName: nvidia.com/x}\n", "spec.defaults.resourceName", "applies to modes"},
 		{"resourceName reserved", head + "spec:\n  defaults: {owner: device-plugin, mode: whole, resourceName: kubernetes.io/gpu}\n", "spec.defaults.resourceName", "reserved"},
@@ -167,6 +173,8 @@ func TestResolveRefusals(t *testing.T) {
 		{"dynamic profile not offered", head + "spec:\n  defaults: {owner: dra, mode: mig-dynamic, migDynamic: {profiles: [1c.2g.10gb]}}\n", "spec.defaults.migDynamic.profiles[0]", "offers no MIG profile", h100Node()},
 		{"mps memory", head + "spec:\n  defaults: {owner: device-plugin, mode: mps, mps: {replicas: 4, pinnedMemoryLimit: 30Gi}}\n", "spec.defaults.mps.pinnedMemoryLimit", "more than GPU 0", h100Node()},
 		{"mps shares memory", head + "spec:\n  defaults: {owner: device-plugin, mode: mps, mps: {shares: [{count: 3, activeThreadPercentage: 30, pinnedMemoryLimit: 30Gi}]}}\n", "spec.defaults.mps.shares", "more than GPU 0", h100Node()},
+		{"shared reserve all", head + "spec:\n  defaults: {owner: dra, mode: shared, shared: {memoryReserve: 80Gi}}\n", "spec.defaults.shared.memoryReserve", "less than one memoryStep", h100Node()},
+		{"shared default memory too big", head + "spec:\n  defaults: {owner: dra, mode: shared, shared: {memoryReserve: 10Gi, defaultMemory: 70Gi}}\n", "spec.defaults.shared.defaultMemory", "more than the 71319 MiB", h100Node()},
 		{"duplicate inventory", head + "spec: {}\n", "", "listed twice", append(h100Node(), h100Node()[0])},
 	}
 	for _, tc := range cases {

@@ -6,6 +6,8 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+
+	"k8s.io/apimachinery/pkg/api/resource"
 )
 
 // GPUInfo is what Resolve needs to know of a GPU. The profile package fills it from an inventory
@@ -290,6 +292,7 @@ func assign(c *collector, p *SharingProfile, res *Resolution, g GPUInfo, s *Shar
 		} else {
 			a.ComputeMode = "Default"
 		}
+		sharedDefaults(c, &sh, g, path+".shared", gpuRef)
 		a.Shared = &sh
 	}
 	if !a.MIGEnabled && g.MigEnabled {
@@ -319,6 +322,53 @@ func assignModes(c *collector, p *SharingProfile, res *Resolution, g GPUInfo, s 
 	a.Modes = slices.Clone(s.Modes)
 	a.ComputeMode = "" // set per claim, by the mode it is prepared in
 	return a
+}
+
+// sharedDefaults fills the defaults of mode shared (memoryStep 1Gi, memoryReserve 0, defaultMemory
+// one step, defaultComputePercent 100/maxClients or 10) and checks them against the GPU's memory
+// when it is known.
+func sharedDefaults(c *collector, sh *SharedSettings, g GPUInfo, path, gpuRef string) {
+	if sh.MemoryStep == nil {
+		q := resource.MustParse(DefaultSharedMemoryStep)
+		sh.MemoryStep = &q
+	} else {
+		q := sh.MemoryStep.DeepCopy()
+		sh.MemoryStep = &q
+	}
+	if sh.MemoryReserve == nil {
+		q := resource.MustParse("0")
+		sh.MemoryReserve = &q
+	} else {
+		q := sh.MemoryReserve.DeepCopy()
+		sh.MemoryReserve = &q
+	}
+	if sh.DefaultMemory == nil {
+		q := sh.MemoryStep.DeepCopy()
+		sh.DefaultMemory = &q
+	} else {
+		q := sh.DefaultMemory.DeepCopy()
+		sh.DefaultMemory = &q
+	}
+	if sh.DefaultComputePercent == 0 {
+		sh.DefaultComputePercent = DefaultSharedComputePercent
+		if sh.MaxClients > 0 {
+			sh.DefaultComputePercent = max(1, 100/sh.MaxClients)
+		}
+	}
+	if g.MemoryMiB == 0 {
+		return
+	}
+	total := int64(g.MemoryMiB) << 20
+	usable := total - sh.MemoryReserve.Value()
+	step := sh.MemoryStep.Value()
+	switch {
+	case usable < step:
+		c.errf(path+".memoryReserve", "lower memoryReserve (or memoryStep) so that at least one step is left to claims",
+			"%s has %d MiB; after memoryReserve %s less than one memoryStep (%s) is left", gpuRef, g.MemoryMiB, sh.MemoryReserve.String(), sh.MemoryStep.String())
+	case sh.DefaultMemory.Value() > usable:
+		c.errf(path+".defaultMemory", fmt.Sprintf("use at most %d MiB (a multiple of memoryStep)", usable>>20),
+			"defaultMemory %s is more than the %d MiB %s leaves to claims after memoryReserve %s", sh.DefaultMemory.String(), usable>>20, gpuRef, sh.MemoryReserve.String())
+	}
 }
 
 func checkOffered(c *collector, g GPUInfo, prof, path, gpuRef string) {

@@ -225,9 +225,25 @@ type SharedSettings struct {
 	MaxClients int `json:"maxClients,omitempty"`
 	// MemoryStep is the granularity of memory requests; default 1Gi.
 	MemoryStep *resource.Quantity `json:"memoryStep,omitempty"`
+	// MemoryReserve is kept back from claims: the device's memory capacity is what NVML reports
+	// minus this (default 0).
+	MemoryReserve *resource.Quantity `json:"memoryReserve,omitempty"`
+	// DefaultMemory is what a claim that asks for no memory consumes; a multiple of MemoryStep, no
+	// more than the usable memory (default: one MemoryStep).
+	DefaultMemory *resource.Quantity `json:"defaultMemory,omitempty"`
+	// DefaultComputePercent is the share of the GPU's compute a claim that asks for none consumes,
+	// 1–100 (default 100/maxClients when maxClients is set, else 10).
+	DefaultComputePercent int `json:"defaultComputePercent,omitempty"`
 	// Isolation is how claims share compute: time-sliced (default) or mps (limits enforced).
 	Isolation Mode `json:"isolation,omitempty"`
 }
+
+// DefaultSharedMemoryStep is the memory granularity of a shared GPU when the profile sets none.
+const DefaultSharedMemoryStep = "1Gi"
+
+// DefaultSharedComputePercent is the compute a claim on a shared GPU without maxClients consumes
+// when it asks for none.
+const DefaultSharedComputePercent = 10
 
 // DevicePluginSettings are settings of the device plugin as a whole.
 type DevicePluginSettings struct {

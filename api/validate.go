@@ -389,6 +389,24 @@ func validateSharing(c *collector, p *SharingProfile, s *Sharing, path string) {
 			if sh.MemoryStep != nil && sh.MemoryStep.Sign() <= 0 {
 				c.errf(sp+".memoryStep", "use a positive size such as 1Gi", "memoryStep must be positive")
 			}
+			if r := sh.MemoryReserve; r != nil && r.Sign() < 0 {
+				c.errf(sp+".memoryReserve", "use 0 or a positive size such as 2Gi", "memoryReserve is %s, negative", r.String())
+			}
+			if dm := sh.DefaultMemory; dm != nil {
+				step := resource.MustParse(DefaultSharedMemoryStep)
+				if sh.MemoryStep != nil {
+					step = *sh.MemoryStep
+				}
+				switch {
+				case dm.Sign() <= 0:
+					c.errf(sp+".defaultMemory", "use a positive multiple of memoryStep such as "+step.String(), "defaultMemory must be positive")
+				case step.Sign() > 0 && dm.Value()%step.Value() != 0:
+					c.errf(sp+".defaultMemory", fmt.Sprintf("use a multiple of memoryStep (%s), e.g. %s", step.String(), roundUp(dm.Value(), step.Value()).String()), "defaultMemory %s is not a multiple of memoryStep %s: the scheduler would refuse the GPU's request policy", dm.String(), step.String())
+				}
+			}
+			if p := sh.DefaultComputePercent; p < 0 || p > 100 {
+				c.errf(sp+".defaultComputePercent", "use 1 to 100, or leave it out for the default", "defaultComputePercent is %d, not a percentage", p)
+			}
 		}
 	}
 }
@@ -493,6 +511,12 @@ func validateMPS(c *collector, m *MPSSettings, path string, dp bool) {
 	if !dp && m.FailRequestsGreaterThanOne != nil {
 		c.warnf(path+".failRequestsGreaterThanOne", "has no effect for owner dra")
 	}
+}
+
+// roundUp is v rounded up to a multiple of step, as a binary quantity.
+func roundUp(v, step int64) *resource.Quantity {
+	n := (v + step - 1) / step * step
+	return resource.NewQuantity(n, resource.BinarySI)
 }
 
 func positive(c *collector, q *resource.Quantity, path string) {

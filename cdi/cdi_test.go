@@ -697,3 +697,34 @@ func BenchmarkWriteClaimSpec(b *testing.B) {
 		}
 	}
 }
+
+// A device's extra environment reaches the container that gets it, and nothing else; a bad entry
+// is refused.
+func TestDeviceEnv(t *testing.T) {
+	e := newEnv(t, "")
+	g := e.generator(t)
+	snap := e.snapshot(t)
+	uid := "0b6a7a8e-1111-4222-8333-944445555777"
+	d := cdi.WholeGPU(snap.GPUs[1].GPU).WithEnv("TESSERA_MEMORY_LIMIT_MIB=10240", "TESSERA_COMPUTE_PERCENT=20")
+	names, err := g.WriteClaimSpec(uid, []cdi.Device{d})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := g.QualifiedName(uid + "_" + snap.GPUs[1].GPU.UUID); names[0] != want {
+		t.Errorf("name %s, want %s (env is not part of the name)", names[0], want)
+	}
+	s := e.inject(t, names[0])
+	for _, kv := range []string{"TESSERA_MEMORY_LIMIT_MIB=10240", "TESSERA_COMPUTE_PERCENT=20"} {
+		if !slices.Contains(s.Process.Env, kv) {
+			t.Errorf("container env %v lacks %s", s.Process.Env, kv)
+		}
+	}
+	for _, bad := range []string{"NOVALUE", "1X=2", "=x", "A B=1"} {
+		if _, err := g.WriteClaimSpec(uid, []cdi.Device{cdi.WholeGPU(snap.GPUs[1].GPU).WithEnv(bad)}); err == nil || !strings.Contains(err.Error(), "environment entry") {
+			t.Errorf("env %q: %v", bad, err)
+		}
+	}
+	if d2 := d.WithEnv("X=1"); len(d.Env) != 2 || len(d2.Env) != 3 {
+		t.Errorf("WithEnv changed its receiver: %v %v", d.Env, d2.Env)
+	}
+}

@@ -4,8 +4,10 @@ import (
 	"errors"
 	"fmt"
 	"path/filepath"
+	"regexp"
 	"slices"
 	"strconv"
+	"strings"
 
 	"tags.cncf.io/container-device-interface/pkg/parser"
 
@@ -52,6 +54,8 @@ type MPS struct {
 	PinnedMemoryLimitMiB uint64 `json:"pinnedMemoryLimitMiB,omitempty"`
 }
 
+var envNameRE = regexp.MustCompile(`^[A-Za-z_][A-Za-z0-9_]*$`)
+
 // MPSPipeDir is where MPS fractions see the daemon's pipe directory (CUDA's default one, so that
 // clients that ignore CUDA_MPS_PIPE_DIRECTORY find it too).
 const MPSPipeDir = "/tmp/nvidia-mps"
@@ -69,6 +73,15 @@ type Device struct {
 	// At most one of TimeSlice and MPS is set.
 	TimeSlice *TimeSlice `json:"timeSlice,omitempty"`
 	MPS       *MPS       `json:"mps,omitempty"`
+	// Env is extra environment (NAME=value) the container gets with this device, after the
+	// device's own; for information (a DRA claim's share of a GPU), not part of the device's name.
+	Env []string `json:"env,omitempty"`
+}
+
+// WithEnv returns d with extra environment variables (NAME=value) for its container.
+func (d Device) WithEnv(env ...string) Device {
+	d.Env = append(slices.Clone(d.Env), env...)
+	return d
 }
 
 // WholeGPU is the device for a whole GPU.
@@ -213,6 +226,11 @@ func (d Device) Validate() error {
 		}
 		if m.ActiveThreadPercentage < 0 || m.ActiveThreadPercentage > 100 {
 			errs = append(errs, fmt.Errorf("MPS active thread percentage %d is outside 0..100", m.ActiveThreadPercentage))
+		}
+	}
+	for _, kv := range d.Env {
+		if name, _, ok := strings.Cut(kv, "="); !ok || !envNameRE.MatchString(name) {
+			errs = append(errs, fmt.Errorf("environment entry %q is not NAME=value with a valid variable name", kv))
 		}
 	}
 	if len(errs) == 0 {

@@ -75,6 +75,7 @@ func (g *Generator) DeviceEdits(d Device) (specs.ContainerEdits, error) {
 				Options: slices.Clone(rwMountOptions)})
 		}
 	}
+	e.Env = append(e.Env, d.Env...)
 	return e, nil
 }
 

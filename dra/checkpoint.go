@@ -68,6 +68,15 @@ type PreparedDevice struct {
 	// Dynamic is the MIG instance Prepare creates for a mig-dynamic device (GI and CI are -1 in the
 	// PrepareStarted checkpoint, written before it exists).
 	Dynamic *DynamicMIG `json:"dynamic,omitempty"`
+	// MemoryMiB and ComputePercent are the share of a GPU in mode shared the claim consumed (the
+	// allocation's consumedCapacity), Isolation the GPU's isolation then. Optional: format 1
+	// checkpoints without them read as before.
+	MemoryMiB      uint64   `json:"memoryMiB,omitempty"`
+	ComputePercent int      `json:"computePercent,omitempty"`
+	Isolation      api.Mode `json:"isolation,omitempty"`
+	// MPSClient is the client registered with the GPU's MPS daemon for a shared GPU with isolation
+	// mps (claim UID/share ID); its limits are CDI.MPS's. Unprepare removes it.
+	MPSClient string `json:"mpsClient,omitempty"`
 }
 
 // Checkpoint is one claim's preparation record, one file per claim.

@@ -58,6 +58,20 @@ func checkConfig(cfg *api.GPUConfig, d *Device) (api.TimeSliceInterval, error) {
 		return "", nil
 	}
 	s := cfg.Sharing
+	if c := d.Capacity; c != nil {
+		// A shared GPU: its isolation is the profile's; a claim may only lower its MPS limits
+		// (sharedLimits), never set an interval.
+		switch {
+		case s.Strategy == api.StrategyMPS && c.Isolation != api.ModeMPS:
+			return "", fmt.Errorf("device %s is shared with isolation %s by the sharing profile: sharing strategy MPS does not apply to it; remove sharing or use strategy TimeSlicing without settings", d.Name, c.Isolation)
+		case s.Strategy == api.StrategyTimeSlicing && c.Isolation == api.ModeMPS:
+			return "", fmt.Errorf("device %s is shared through MPS by the sharing profile: sharing strategy TimeSlicing does not apply to it; remove sharing or use strategy MPS", d.Name)
+		case s.TimeSlicing != nil && s.TimeSlicing.Interval != "":
+			return "", fmt.Errorf("device %s is a shared GPU, used by other claims: a claim cannot set its time-slice interval; remove sharing.timeSlicing.interval", d.Name)
+		case s.Strategy == api.StrategyMPS, s.Strategy == api.StrategyTimeSlicing:
+			return "", nil
+		}
+	}
 	switch s.Strategy {
 	case api.StrategyMPS:
 		return "", fmt.Errorf("device %s: sharing strategy MPS is not served by this driver version; use a GPU the sharing profile gives mode mps to the device plugin, or strategy TimeSlicing", d.Name)

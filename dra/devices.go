@@ -56,10 +56,34 @@ type Device struct {
 
 	consumes []resourceapi.DeviceCounterConsumption
 	sibling  bool
+	// Capacity is set for a GPU in mode shared: what it publishes and claims consume. Replicas is
+	// then the profile's maxClients.
+	Capacity *SharedCapacity
 }
 
+// SharedCapacity is what a GPU in mode shared offers its claims.
+type SharedCapacity struct {
+	// Isolation is time-sliced (memory accounted by the scheduler only) or mps (enforced by an
+	// MPS daemon).
+	Isolation api.Mode
+	// MemoryBytes is NVML's memory of the GPU minus the profile's memoryReserve.
+	MemoryBytes int64
+	// StepBytes is the granularity of memory requests (memoryStep).
+	StepBytes int64
+	// DefaultMemoryBytes and DefaultComputePercent are what a claim that asks for none consumes.
+	DefaultMemoryBytes    int64
+	DefaultComputePercent int
+}
+
+// Capacity names of a shared GPU.
+const (
+	CapacityMemory         resourceapi.QualifiedName = "memory"
+	CapacityComputePercent resourceapi.QualifiedName = "computePercent"
+	CapacityClients        resourceapi.QualifiedName = "clients"
+)
+
 // Shared reports whether many claims may be allocated the device at once.
-func (d *Device) Shared() bool { return d.Mode == api.ModeTimeSliced }
+func (d *Device) Shared() bool { return d.Mode == api.ModeTimeSliced || d.Mode == api.ModeShared }
 
 // Sibling reports whether the device is one of several modes its GPU is offered in.
 func (d *Device) Sibling() bool { return d.sibling }
@@ -122,7 +146,8 @@ func (inv *Inventory) Device(name string) (*Device, bool) {
 
 // Features switch off what the cluster cannot store (see HandleError: a DroppedFieldsError).
 type Features struct {
-	// NoTimeSliced turns mode time-sliced off: it needs allowMultipleAllocations (DRAConsumableCapacity).
+	// NoTimeSliced turns modes time-sliced and shared off: they need allowMultipleAllocations
+	// (DRAConsumableCapacity).
 	NoTimeSliced bool
 	// NoTaints stops publishing health taints (DRADeviceTaints); health still reaches the kubelet.
 	NoTaints bool
@@ -265,11 +290,75 @@ func Build(in BuildInput) *Inventory {
 				continue
 			}
 			inv.Hidden = append(inv.Hidden, hidden...)
+		case api.ModeShared:
+			if g.MigEnabled {
+				skip("MIG mode is on; mode shared needs it off (turn it off with `tessera mig apply` while the GPU is idle)")
+				continue
+			}
+			if in.Features.NoTimeSliced {
+				skip("the cluster dropped allowMultipleAllocations (feature DRAConsumableCapacity off), so shared GPUs cannot be published")
+				continue
+			}
+			c, why := sharedCapacity(g.GPU, a.Shared)
+			if why != "" {
+				skip("%s", why)
+				continue
+			}
+			d := &Device{Name: GPUName(g.Index), GPU: g.GPU, Mode: a.Mode, Capacity: c}
+			if a.Shared != nil {
+				d.Replicas = a.Shared.MaxClients
+			}
+			inv.add(d)
 		default:
-			skip("mode %s is not served by this driver version (whole, mig-static, mig-dynamic and time-sliced are)", a.Mode)
+			skip("mode %s is not served by this driver version (whole, mig-static, mig-dynamic, time-sliced and shared are)", a.Mode)
 		}
 	}
 	return inv
+}
+
+// sharedCapacity is what a shared GPU offers, from NVML's memory and the resolved settings; why
+// says what is wrong when it cannot be published.
+func sharedCapacity(g nvmlib.GPU, sh *api.SharedSettings) (*SharedCapacity, string) {
+	if sh == nil {
+		sh = &api.SharedSettings{}
+	}
+	q := func(p *resource.Quantity, def string) int64 {
+		if p != nil {
+			return p.Value()
+		}
+		v := resource.MustParse(def)
+		return v.Value()
+	}
+	c := &SharedCapacity{
+		Isolation:             sh.Isolation,
+		StepBytes:             q(sh.MemoryStep, api.DefaultSharedMemoryStep),
+		DefaultComputePercent: sh.DefaultComputePercent,
+	}
+	if c.Isolation == "" {
+		c.Isolation = api.ModeTimeSliced
+	}
+	c.DefaultMemoryBytes = c.StepBytes
+	if sh.DefaultMemory != nil {
+		c.DefaultMemoryBytes = sh.DefaultMemory.Value()
+	}
+	if c.DefaultComputePercent <= 0 {
+		c.DefaultComputePercent = api.DefaultSharedComputePercent
+		if sh.MaxClients > 0 {
+			c.DefaultComputePercent = max(1, 100/sh.MaxClients)
+		}
+	}
+	c.MemoryBytes = int64(g.MemoryMiB)<<20 - q(sh.MemoryReserve, "0")
+	switch {
+	case g.MemoryMiB == 0:
+		return nil, "NVML reports no memory for the GPU, so its memory cannot be shared out"
+	case c.StepBytes <= 0:
+		return nil, "shared.memoryStep is not positive"
+	case c.MemoryBytes < c.StepBytes:
+		return nil, fmt.Sprintf("after shared.memoryReserve the GPU's %d MiB leave less than one memoryStep", g.MemoryMiB)
+	case c.DefaultMemoryBytes > c.MemoryBytes || c.DefaultMemoryBytes%c.StepBytes != 0:
+		return nil, fmt.Sprintf("shared.defaultMemory (%d MiB) is not a multiple of memoryStep or more than the %d MiB left to claims", c.DefaultMemoryBytes>>20, c.MemoryBytes>>20)
+	}
+	return c, ""
 }
 
 func (inv *Inventory) add(d *Device) {
@@ -413,6 +502,31 @@ func (d *Device) resource(sys nvmlib.SystemInfo, o attrOptions) resourceapi.Devi
 		capacity["encoders"] = count(p.Encoders)
 		capacity["jpegEngines"] = count(p.JPEGs)
 		capacity["ofaEngines"] = count(p.OFAs)
+	case d.Capacity != nil:
+		// Mode shared: claims consume parts of the GPU's memory and compute. Memory is NVML's
+		// figure minus the reserve, requested in steps; a claim that names no capacity consumes
+		// the profile's defaults, never the whole GPU.
+		c := d.Capacity
+		attrs["isolation"] = str(string(c.Isolation))
+		step := resource.NewQuantity(c.StepBytes, resource.BinarySI)
+		defMem := resource.NewQuantity(c.DefaultMemoryBytes, resource.BinarySI)
+		capacity[CapacityMemory] = resourceapi.DeviceCapacity{
+			Value: *resource.NewQuantity(c.MemoryBytes, resource.BinarySI),
+			RequestPolicy: &resourceapi.CapacityRequestPolicy{Default: defMem,
+				ValidRange: &resourceapi.CapacityRequestPolicyRange{Min: step, Step: ptr.To(step.DeepCopy())}},
+		}
+		pct := func(n int) *resource.Quantity { return resource.NewQuantity(int64(n), resource.DecimalSI) }
+		cp := count(100)
+		cp.RequestPolicy = &resourceapi.CapacityRequestPolicy{Default: pct(c.DefaultComputePercent),
+			ValidRange: &resourceapi.CapacityRequestPolicyRange{Min: pct(1), Max: pct(100), Step: pct(1)}}
+		capacity[CapacityComputePercent] = cp
+		if d.Replicas > 0 {
+			one := resource.MustParse("1")
+			cl := count(d.Replicas)
+			cl.RequestPolicy = &resourceapi.CapacityRequestPolicy{Default: &one, ValidValues: []resource.Quantity{one}}
+			capacity[CapacityClients] = cl
+		}
+		out.AllowMultipleAllocations = ptr.To(true)
 	case d.Shared():
 		// Many claims share the GPU. A claim that names no capacity would consume all of each
 		// capacity, so memory is published with a request policy that consumes none of it (time

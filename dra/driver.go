@@ -25,6 +25,7 @@ import (
 	"github.com/tessera-gpu/tessera/cdi"
 	"github.com/tessera-gpu/tessera/health"
 	"github.com/tessera-gpu/tessera/partitioning/inventory"
+	"github.com/tessera-gpu/tessera/partitioning/mps"
 	"github.com/tessera-gpu/tessera/partitioning/nvmlib"
 )
 
@@ -90,6 +91,12 @@ func WithNoExecute(on bool) Option {
 	return func(d *Driver) error { d.noExecute.Store(on); return nil }
 }
 
+// WithMPS sets the MPS manager for GPUs in mode shared with isolation mps: Prepare starts (or
+// adopts) the GPU's control daemon, sets its limits to the largest claim's and registers each
+// claim as a client; Unprepare removes it and stops the daemon after the last one. Without it such
+// claims fail to prepare.
+func WithMPS(m *mps.Manager) Option { return func(d *Driver) error { d.mps = m; return nil } }
+
 // WithVersion sets the driver release recorded in checkpoints.
 func WithVersion(v string) Option { return func(d *Driver) error { d.version = v; return nil } }
 
@@ -121,6 +128,7 @@ type Driver struct {
 	slicer       TimeSlicer
 	events       EventRecorder
 	monitor      *health.Monitor
+	mps          *mps.Manager
 	noExecute    atomic.Bool
 	version      string
 	sysfsRoot    string
@@ -332,12 +340,16 @@ func (d *Driver) reconcile(ctx context.Context) error {
 	return nil
 }
 
-// undo removes what a (partial) prepare made — its CDI spec and, when restore is set, the
-// time-slice intervals its parameters set and the MIG instances it created — then its checkpoint.
-// An instance still in use leaves the checkpoint in place and returns an error matching
-// nvmlib.ErrInUse (see destroyPending).
+// undo removes what a (partial) prepare made — its CDI spec, its MPS clients (lowering the
+// daemon's limits, stopping it after the last client) and, when restore is set, the time-slice
+// intervals its parameters set and the MIG instances it created — then its checkpoint. An instance
+// still in use leaves the checkpoint in place and returns an error matching nvmlib.ErrInUse (see
+// destroyPending).
 func (d *Driver) undo(ctx context.Context, c *Checkpoint, restore bool) error {
 	if err := d.cdi.RemoveClaimSpec(string(c.Claim.UID)); err != nil {
+		return fmt.Errorf("claim %s: %w", c.Claim, err)
+	}
+	if err := d.undoMPS(ctx, c); err != nil {
 		return fmt.Errorf("claim %s: %w", c.Claim, err)
 	}
 	if restore {
@@ -596,7 +608,7 @@ func (d *Driver) HandleError(ctx context.Context, err error, msg string) {
 			case "DRAConsumableCapacity":
 				if !d.features.NoTimeSliced {
 					d.features.NoTimeSliced, changed = true, true
-					d.event("Warning", ReasonModeOff, "the API server dropped allowMultipleAllocations from our ResourceSlices (feature DRAConsumableCapacity is off): mode time-sliced is turned off on this node; its GPUs are not published")
+					d.event("Warning", ReasonModeOff, "the API server dropped allowMultipleAllocations from our ResourceSlices (feature DRAConsumableCapacity is off): modes time-sliced and shared are turned off on this node; their GPUs are not published")
 				}
 			case "DRAPartitionableDevices":
 				if !d.features.NoPartitionable {

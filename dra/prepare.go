@@ -165,6 +165,14 @@ func (d *Driver) prepare(ctx context.Context, claim *resourceapi.ResourceClaim, 
 			pd.ShareID = string(*r.ShareID)
 		}
 		pd.AdminAccess = r.AdminAccess != nil && *r.AdminAccess
+		if dev.Capacity != nil && !pd.AdminAccess {
+			if slices.ContainsFunc(prepared, func(o PreparedDevice) bool { return o.Device == pd.Device }) {
+				return nil, fmt.Errorf("device %s is a shared GPU given to this claim twice: one container cannot hold two shares of it; ask for one share with the capacity of both", r.Device)
+			}
+			if err := d.shareOf(&pd, dev, r, cfg, ref.UID); err != nil {
+				return nil, err
+			}
+		}
 		prepared = append(prepared, pd)
 	}
 	c := &Checkpoint{Format: CheckpointFormat, DriverVersion: d.version, Claim: ref, BootID: d.bootID, Phase: PhaseStarted, Devices: prepared}
@@ -192,6 +200,9 @@ func (d *Driver) prepare(ctx context.Context, claim *resourceapi.ResourceClaim, 
 		return nil, err
 	}
 	if err := d.checkInUse(c); err != nil {
+		return nil, err
+	}
+	if err := d.checkShares(c); err != nil {
 		return nil, err
 	}
 	if old := d.indexed(ref.UID); old != nil && old.Phase != "unreadable" {
@@ -246,6 +257,10 @@ func (d *Driver) prepare(ctx context.Context, claim *resourceapi.ResourceClaim, 
 		}
 	}
 	sw.lap("mig")
+	if err := d.prepareMPS(ctx, &done); err != nil {
+		return fail(err)
+	}
+	sw.lap("mps")
 	if len(c.Devices) > 0 {
 		devs, at := specDevices(&done)
 		names, err := d.cdi.WriteClaimSpec(string(ref.UID), devs)

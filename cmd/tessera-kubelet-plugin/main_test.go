@@ -16,6 +16,9 @@ func TestFlagsAndRequiredNodeName(t *testing.T) {
 		"--state-dir=/s", "--config-file=/f", "--metrics-address=:1", "--kubeconfig=/k", "--node-name="}); err != nil {
 		t.Fatal(err)
 	}
+	if o.mpsRoot != "/run/tessera/mps" {
+		t.Errorf("--mps-root defaults to %q, want the device plugin's /run/tessera/mps", o.mpsRoot)
+	}
 	if o.qps < 100 || o.burst < 2*int(o.qps)-1 {
 		t.Errorf("client QPS %v / burst %d: the helper GETs every claim; keep them high", o.qps, o.burst)
 	}

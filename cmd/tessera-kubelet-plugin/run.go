@@ -23,6 +23,7 @@ import (
 	"github.com/tessera-gpu/tessera/dra"
 	"github.com/tessera-gpu/tessera/health"
 	"github.com/tessera-gpu/tessera/partitioning/backend"
+	"github.com/tessera-gpu/tessera/partitioning/mps"
 	"github.com/tessera-gpu/tessera/profile"
 )
 
@@ -50,6 +51,7 @@ type options struct {
 	podUID              string
 	resync              time.Duration
 	healthProbe         time.Duration
+	mpsRoot             string
 }
 
 func (o *options) addFlags(fs *pflag.FlagSet) {
@@ -71,6 +73,7 @@ func (o *options) addFlags(fs *pflag.FlagSet) {
 	fs.Float32Var(&o.qps, "kube-api-qps", 500, "API client queries per second: one claim GET per prepare and one status write per claim, so keep it above the node's claim rate")
 	fs.IntVar(&o.burst, "kube-api-burst", 1000, "API client burst")
 	fs.StringVar(&o.podUID, "pod-uid", os.Getenv("POD_UID"), "this plugin pod's UID (env POD_UID, from the downward API): enables rolling updates, two instances serving side by side")
+	fs.StringVar(&o.mpsRoot, "mps-root", mps.DefaultRoot, "directory of the MPS daemons' pipes, logs and state (shared GPUs with isolation mps); the same as the device plugin's")
 	fs.DurationVar(&o.resync, "resync-interval", 30*time.Second, "how often the node's GPUs are read again (MIG devices made or removed outside the driver)")
 	fs.DurationVar(&o.healthProbe, "health-probe-interval", 10*time.Second, "how often unhealthy GPUs are probed for recovery")
 }
@@ -133,8 +136,10 @@ func run(ctx context.Context, o options, started func(*dra.Driver)) error {
 
 	bootID := dra.ReadBootID
 	smi := filepath.Join(o.driverRoot, "usr/bin/nvidia-smi")
+	mpsOpts := []mps.Option{mps.WithRoot(o.mpsRoot), mps.WithDriverRoot(o.driverRoot)}
 	if node != nil {
 		h := node.Host()
+		mpsOpts = []mps.Option{mps.WithRoot(o.mpsRoot), mps.ForSimulatedHost(h)}
 		r := cdi.Roots{Driver: o.driverRoot, Dev: o.devRoot, Proc: o.procRoot, Hook: o.hookPath}.OnSimulatedHost(h)
 		o.driverRoot, o.devRoot, o.procRoot, o.hookPath = r.Driver, r.Dev, r.Proc, r.Hook
 		smi = h.ToolPath("nvidia-smi")
@@ -199,7 +204,8 @@ func run(ctx context.Context, o options, started func(*dra.Driver)) error {
 	d, err := dra.New(ctx, lib,
 		dra.WithNodeName(o.nodeName), dra.WithKubeClient(client), dra.WithStatusClient(statusClient), dra.WithStateDir(o.stateDir), dra.WithCDI(gen),
 		dra.WithBootID(bootID), dra.WithTimeSlicer(dra.NvidiaSMI{Path: smi}), dra.WithEvents(events),
-		dra.WithHealth(monitor), dra.WithVersion(version), dra.WithSysfsRoot(o.sysfsRoot), dra.WithResyncInterval(o.resync))
+		dra.WithHealth(monitor), dra.WithVersion(version), dra.WithSysfsRoot(o.sysfsRoot), dra.WithResyncInterval(o.resync),
+		dra.WithMPS(mps.NewManager(lib, mpsOpts...)))
 	if err != nil {
 		return err
 	}
