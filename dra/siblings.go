@@ -44,6 +44,18 @@ func (inv *Inventory) buildSiblings(g nvmlib.GPU, a api.Assignment, f Features) 
 			if d.Interval == "" {
 				d.Interval = api.IntervalDefault
 			}
+		case api.ModeShared:
+			if f.NoTimeSliced {
+				continue
+			}
+			c, why := sharedCapacity(g, a.Shared)
+			if why != "" {
+				continue
+			}
+			d.Capacity = c
+			if a.Shared != nil {
+				d.Replicas = a.Shared.MaxClients
+			}
 		case api.ModeWhole:
 		default:
 			continue // not served by this driver version

@@ -137,3 +137,42 @@ func TestSiblingModesValidation(t *testing.T) {
 		}
 	}
 }
+
+// A GPU offered whole or shared by memory: 10 GiB shares until its memory is used, all on the one
+// shared sibling; the whole sibling only once they are gone.
+func TestSiblingSharedAndWhole(t *testing.T) {
+	lib, _ := openSim(t, "dgx-h100")
+	doc := strings.Replace(siblingProfile, "modes: [whole, time-sliced]\n      timeSlicing: {replicas: 3, interval: Long}", "modes: [shared, whole]", 1)
+	inv := build(t, lib, resolve(t, lib, doc), Features{})
+	if d, ok := inv.Device("gpu-0-whole"); !ok || d.Mode != api.ModeWhole {
+		t.Fatalf("whole sibling missing: %+v", inv.Devices)
+	}
+	if d, ok := inv.Device("gpu-0"); !ok || d.Capacity == nil || !d.Shared() {
+		t.Fatalf("shared sibling missing or without capacity")
+	}
+	onGPU0 := `device.attributes["gpu.tessera.dev"].index == 0`
+	c := newCluster(t, toSlices(inv.DriverResources(nil, attrOptions{}), 1))
+	n := 0
+	for ; n < 20; n++ {
+		cl := c.allocate(withCapacity(request("shared.gpu.tessera.dev", 1), "memory", "10Gi"))
+		if cl == nil {
+			break
+		}
+		if devicesOf(cl)[0] != "gpu-0" {
+			t.Fatalf("share %d on %v", n, devicesOf(cl))
+		}
+	}
+	if n != 7 { // 81559 MiB reported: seven 10 GiB shares, not eight
+		t.Fatalf("%d shares of 10Gi fit, want 7", n)
+	}
+	if cl := c.allocate(request("gpu.tessera.dev", 1, onGPU0)); cl != nil {
+		t.Fatalf("GPU 0 given whole while shared: %v", devicesOf(cl))
+	}
+	c = newCluster(t, toSlices(inv.DriverResources(nil, attrOptions{}), 1))
+	if cl := c.allocate(request("gpu.tessera.dev", 1, onGPU0)); cl == nil || devicesOf(cl)[0] != "gpu-0-whole" {
+		t.Fatalf("whole sibling: %v", cl)
+	}
+	if cl := c.allocate(withCapacity(request("shared.gpu.tessera.dev", 1), "memory", "1Gi")); cl != nil {
+		t.Fatalf("a share of GPU 0 while it is given whole: %v", devicesOf(cl))
+	}
+}
