@@ -38,6 +38,7 @@ type draDriver struct {
 	simDir   string
 	stateDir string
 	cdiDir   string
+	mpsRoot  string
 	nvml     backend.Options
 }
 
@@ -59,6 +60,16 @@ spec:
   rules:
     - {name: dynamic, selector: {indices: [0]}, owner: dra, mode: mig-dynamic}
     - {name: whole, selector: {indices: [1]}, owner: dra, mode: whole}
+`
+
+// GPU 0 shared with MPS isolation, GPU 1 shared by time-slicing.
+const draSharedProfile = `apiVersion: tessera.dev/v1alpha1
+kind: SharingProfile
+spec:
+  defaults: {owner: device-plugin, mode: whole}
+  rules:
+    - {name: mps, selector: {indices: [0]}, owner: dra, mode: shared, shared: {isolation: mps}}
+    - {name: ts, selector: {indices: [1]}, owner: dra, mode: shared}
 `
 
 const draAllMIGProfile = `apiVersion: tessera.dev/v1alpha1
@@ -102,6 +113,8 @@ func startDRADriverWith(t *testing.T, ctx context.Context, c *harness.Cluster, l
 		gpus, profileDoc = "all", draAllMIGProfile
 	case "dynamic":
 		gpus, profileDoc = "", draDynamicProfile // the driver turns MIG mode on and makes instances itself
+	case "shared":
+		gpus, profileDoc = "", draSharedProfile
 	}
 	if gpus != "" {
 		cfg, err := mig.ParseConfig([]byte("version: v1\nmig-configs:\n  c:\n    - devices: "+gpus+"\n      mig-enabled: true\n      mig-devices: {\"1g.10gb\": 7}\n"), "e2e")
@@ -120,6 +133,13 @@ func startDRADriverWith(t *testing.T, ctx context.Context, c *harness.Cluster, l
 	if err := os.WriteFile(profileFile, []byte(profileDoc), 0o644); err != nil {
 		t.Fatal(err)
 	}
+	// MPS sockets live under the root: keep it short (Linux allows 107 bytes for a socket path).
+	mpsRoot, err := os.MkdirTemp("", "e2e-dra-mps")
+	if err != nil {
+		t.Fatal(err)
+	}
+	d.mpsRoot = filepath.Join(mpsRoot, "m")
+	t.Cleanup(func() { os.RemoveAll(mpsRoot) })
 	hp, err := c.StartHostProcess(ctx, harness.HostProcessSpec{
 		Name: "tessera-kubelet-plugin",
 		Path: bin,
@@ -130,6 +150,7 @@ func startDRADriverWith(t *testing.T, ctx context.Context, c *harness.Cluster, l
 			"--kubelet-plugins-dir=" + c.PluginsDir,
 			"--cdi-dir=" + c.CDIDir,
 			"--state-dir=" + d.stateDir,
+			"--mps-root=" + d.mpsRoot,
 			"--config-file=" + profileFile,
 			fmt.Sprintf("--metrics-address=127.0.0.1:%d", freePort(t)),
 			"--health-probe-interval=1s",
