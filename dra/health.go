@@ -34,6 +34,12 @@ func (d *Driver) unhealthy(dev *Device, bad []health.Status) (health.Status, boo
 		if s.GI < 0 || (dev.MIG != nil && s.GI == dev.MIG.GI && s.CI == dev.MIG.CI) {
 			return s, true
 		}
+		if dev.Dynamic != nil {
+			// A placement of a mig-dynamic GPU: faulty while the instance a claim made there is.
+			if gi, ci, ok := d.dynamicInstance(dev); ok && s.GI == gi && s.CI == ci {
+				return s, true
+			}
+		}
 	}
 	return health.Status{}, false
 }

@@ -192,3 +192,19 @@ func (d *Driver) inUseTaints(inv *Inventory) Taints {
 	}
 	return out
 }
+
+// dynamicInstance returns the GPU and compute instance a prepared claim made at a mig-dynamic
+// device's placement (for the whole-GPU device: the full profile's).
+func (d *Driver) dynamicInstance(dev *Device) (gi, ci int, ok bool) {
+	d.idxMu.Lock()
+	defer d.idxMu.Unlock()
+	for _, c := range d.index {
+		for _, pd := range c.Devices {
+			if m := pd.Dynamic; m != nil && m.GI >= 0 && pd.CDI.GPU.UUID == dev.GPU.UUID &&
+				m.ProfileID == dev.Dynamic.Profile.ID && m.Placement == dev.Dynamic.Placement {
+				return m.GI, m.CI, true
+			}
+		}
+	}
+	return 0, 0, false
+}

@@ -8,9 +8,13 @@ import (
 	"slices"
 	"strings"
 	"testing"
+	"time"
 
 	resourceapi "k8s.io/api/resource/v1"
 	"k8s.io/apimachinery/pkg/api/resource"
+	clocktesting "k8s.io/utils/clock/testing"
+
+	"github.com/tessera-gpu/tessera/health"
 
 	"github.com/tessera-gpu/tessera/partitioning/nvmlib"
 )
@@ -467,5 +471,35 @@ func TestDynamicMIGProfilesLimitAndNames(t *testing.T) {
 	}
 	if DynamicName(3, "1g.10gb+me", 6) != "gpu-3-mig-1g-10gb-me-6" {
 		t.Fatal(DynamicName(3, "1g.10gb+me", 6))
+	}
+}
+
+// An XID on a MIG instance made for a claim taints that placement only, and goes after the quiet
+// period; a GPU-wide XID taints every placement of the GPU.
+func TestDynamicMIGScopedXIDTaintsItsPlacement(t *testing.T) {
+	lib, node := openSim(t, "dgx-h100")
+	clk := clocktesting.NewFakeClock(time.Now())
+	m := health.NewMonitor(lib, health.DefaultPolicy(), health.WithClock(clk), health.WithProbeInterval(time.Second))
+	e := newEnv(t, lib, node, dynamicProfile, WithHealth(m), WithHealthResend(20*time.Millisecond))
+	cl := e.claim("mig", []alloc{{"mig", "gpu-0-mig-2g-20gb-2", false}})
+	e.mustPrepare(cl)
+	inst := migDevicesOn(t, lib, 0)[0]
+	if err := node.InjectXID(0, 94, inst.GI, inst.CI); err != nil {
+		t.Fatal(err)
+	}
+	poll(t, "the placement tainted", func() (bool, error) { return len(taintsOf(e.pub)["gpu-0-mig-2g-20gb-2"]) == 1, nil })
+	if n := len(taintsOf(e.pub)); n != 1 {
+		t.Errorf("%d devices tainted, want only the faulty instance's placement: %v", n, taintsOf(e.pub))
+	}
+	clk.Step(health.DefaultQuietPeriod + time.Second)
+	m.ProbeOnce()
+	poll(t, "taint gone after the quiet period", func() (bool, error) { return len(taintsOf(e.pub)) == 0, nil })
+
+	if err := node.InjectXID(1, 79, -1, -1); err != nil {
+		t.Fatal(err)
+	}
+	poll(t, "GPU 1 tainted", func() (bool, error) { return len(taintsOf(e.pub)["gpu-1-mig-1g-10gb-0"]) == 1, nil })
+	if _, ok := taintsOf(e.pub)["gpu-0-mig-2g-20gb-2"]; ok {
+		t.Error("GPU 1's fault tainted GPU 0")
 	}
 }

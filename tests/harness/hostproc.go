@@ -121,3 +121,16 @@ func (h *HostProcess) Restart(ctx context.Context) error {
 	h.PID = p.pid
 	return nil
 }
+
+// StopHostProcess stops the host process of that name if one runs (started by this command or by an
+// earlier one on the same cluster, e.g. a previous demo), so a new one can take its place.
+func (c *Cluster) StopHostProcess(name string, grace time.Duration) {
+	id := hostProcPrefix + name
+	c.mu.Lock()
+	p := c.procs[id]
+	c.mu.Unlock()
+	if p == nil {
+		return
+	}
+	(&HostProcess{Name: name, PID: p.pid, LogPath: p.logPath, c: c, p: p, id: id}).Stop(grace)
+}

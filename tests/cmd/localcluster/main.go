@@ -2,7 +2,8 @@
 //
 //	localcluster up      build what is missing, start (or reuse) the cluster, print KUBECONFIG
 //	localcluster status  show whether it runs and what is on it
-//	localcluster demo    up, run a busybox pod, run `tessera inspect` on a simulated DGX H100
+//	localcluster demo    up, run a busybox pod, `tessera inspect`, and the DRA driver on a simulated
+//	                     DGX H100: a MIG device made for a pod, two pods sharing a GPU by memory
 //	localcluster down    stop it and clean up processes and mounts
 //	localcluster build   only build the binaries and images into the cache
 package main
@@ -184,6 +185,12 @@ func runDemo(ctx context.Context, o harness.Options, tesseraBin string) error {
 
 	section("tessera inspect on a simulated DGX H100 (--nvml=sim:dgx-h100)")
 	runInspect(ctx, tesseraBin)
+
+	section("Tessera's DRA driver (gpu.tessera.dev) for node %q on a simulated DGX H100", c.NodeName)
+	if err := runDRADemo(ctx, c, tesseraBin); err != nil {
+		c.DumpDiagnostics(os.Stdout)
+		return fmt.Errorf("DRA demo: %w", err)
+	}
 
 	section("Done in %s", time.Since(t0).Round(100*time.Millisecond))
 	printUsage(c)
