@@ -377,6 +377,18 @@ type attrOptions struct {
 	noPartitionType bool
 }
 
+// PublishOptions change what Slices publishes.
+type PublishOptions struct {
+	// NoPartitionType leaves the slices' partitionTypeAttribute out.
+	NoPartitionType bool
+}
+
+// Slices is DriverResources without taints or PCIe roots, for tools that publish a node's slices
+// themselves (scale runs).
+func (inv *Inventory) Slices(o PublishOptions) resourceslice.DriverResources {
+	return inv.DriverResources(nil, attrOptions{noPartitionType: o.NoPartitionType})
+}
+
 // DriverResources is the node's pool: one ResourceSlice per GPU with devices, in GPU order (slice
 // order is allocation priority), a GPU's devices in Inventory order. A pool without devices is one
 // empty slice, so the scheduler sees the driver is up.

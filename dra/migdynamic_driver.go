@@ -2,7 +2,6 @@ package dra
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"slices"
 
@@ -131,21 +130,13 @@ func (d *Driver) retryPending(ctx context.Context) {
 }
 
 func (d *Driver) finishPending(ctx context.Context, uid types.UID) error {
-	c, err := d.ckpt.read(uid)
-	if errors.Is(err, ErrNoCheckpoint) {
-		d.forget(uid)
-		return nil
-	}
-	if err != nil {
-		return err
-	}
-	unlock, err := d.locks.Lock(ctx, c.GPUs())
+	c, unlock, err := d.lockCheckpoint(ctx, uid)
 	if err != nil {
 		return err
 	}
 	defer unlock()
-	if c, err = d.ckpt.read(uid); err != nil || c.Phase != PhaseDestroyPending {
-		return err
+	if c == nil || c.Phase != PhaseDestroyPending {
+		return nil
 	}
 	if err := d.undo(ctx, c, true); err != nil {
 		return err

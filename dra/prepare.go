@@ -402,27 +402,40 @@ func (d *Driver) UnprepareResourceClaims(ctx context.Context, claims []kubeletpl
 	return out, nil
 }
 
-func (d *Driver) unprepare(ctx context.Context, obj kubeletplugin.NamespacedObject) error {
-	c, err := d.ckpt.read(obj.UID)
+// lockCheckpoint reads a claim's checkpoint, takes the locks of its GPUs and reads it again (another
+// driver instance may have changed it while this one waited). A claim without checkpoint gives nil.
+func (d *Driver) lockCheckpoint(ctx context.Context, uid types.UID) (*Checkpoint, func(), error) {
+	c, err := d.ckpt.read(uid)
 	if errors.Is(err, ErrNoCheckpoint) {
-		// Never prepared, or unprepared already: make sure nothing is left.
-		d.forget(obj.UID)
-		return d.cdi.RemoveClaimSpec(string(obj.UID))
+		d.forget(uid)
+		return nil, func() {}, nil
 	}
 	if err != nil {
-		return err
+		return nil, nil, err
 	}
 	unlock, err := d.locks.Lock(ctx, c.GPUs())
+	if err != nil {
+		return nil, nil, err
+	}
+	if c, err = d.ckpt.read(uid); errors.Is(err, ErrNoCheckpoint) {
+		d.forget(uid)
+		return nil, unlock, nil
+	} else if err != nil {
+		unlock()
+		return nil, nil, err
+	}
+	return c, unlock, nil
+}
+
+func (d *Driver) unprepare(ctx context.Context, obj kubeletplugin.NamespacedObject) error {
+	c, unlock, err := d.lockCheckpoint(ctx, obj.UID)
 	if err != nil {
 		return err
 	}
 	defer unlock()
-	// Another instance may have unprepared it while we waited.
-	if c, err = d.ckpt.read(obj.UID); errors.Is(err, ErrNoCheckpoint) {
-		d.forget(obj.UID)
-		return nil
-	} else if err != nil {
-		return err
+	if c == nil {
+		// Never prepared, or unprepared already: make sure nothing is left.
+		return d.cdi.RemoveClaimSpec(string(obj.UID))
 	}
 	if c.Phase == PhaseDestroyPending {
 		return nil // unprepared already; retryPending destroys its MIG instance

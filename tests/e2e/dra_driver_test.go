@@ -229,7 +229,7 @@ func (d *draDriver) checkpoints(t *testing.T) []string {
 	return out
 }
 
-func createShippedClasses(t *testing.T, ctx context.Context, c *harness.Cluster) {
+func createShippedClasses(t testing.TB, ctx context.Context, c *harness.Cluster) {
 	t.Helper()
 	data, err := os.ReadFile(filepath.Join("..", "..", "deployments", "dra", "deviceclasses.yaml"))
 	if err != nil {

@@ -48,7 +48,7 @@ func BenchmarkSchedulePods(b *testing.B) {
 		}
 		ns := framework.Namespace(b)
 		b.StartTimer()
-		res, err := schedulePods(ctx, c, ns, *numPods)
+		res, err := schedulePods(ctx, c, ns, *numPods, benchPod)
 		b.StopTimer()
 		if err != nil {
 			b.Fatal(err)
@@ -91,7 +91,7 @@ type result struct {
 	p50, p90, p99, max time.Duration
 }
 
-func schedulePods(ctx context.Context, c *harness.Cluster, ns string, n int) (*result, error) {
+func schedulePods(ctx context.Context, c *harness.Cluster, ns string, n int, mk func(ns, name string) *corev1.Pod) (*result, error) {
 	var mu sync.Mutex
 	created := make(map[string]time.Time, n)
 	bound := make(map[string]time.Time, n)
@@ -136,7 +136,7 @@ func schedulePods(ctx context.Context, c *harness.Cluster, ns string, n int) (*r
 		go func() {
 			defer wg.Done()
 			for j := range jobs {
-				pod := benchPod(ns, fmt.Sprintf("pod-%05d", j))
+				pod := mk(ns, fmt.Sprintf("pod-%05d", j))
 				mu.Lock()
 				created[pod.Name] = time.Now()
 				mu.Unlock()
