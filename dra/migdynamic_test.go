@@ -12,6 +12,9 @@ import (
 
 	resourceapi "k8s.io/api/resource/v1"
 	"k8s.io/apimachinery/pkg/api/resource"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/runtime"
+	k8stesting "k8s.io/client-go/testing"
 	clocktesting "k8s.io/utils/clock/testing"
 
 	"github.com/tessera-gpu/tessera/health"
@@ -501,5 +504,34 @@ func TestDynamicMIGScopedXIDTaintsItsPlacement(t *testing.T) {
 	poll(t, "GPU 1 tainted", func() (bool, error) { return len(taintsOf(e.pub)["gpu-1-mig-1g-10gb-0"]) == 1, nil })
 	if _, ok := taintsOf(e.pub)["gpu-0-mig-2g-20gb-2"]; ok {
 		t.Error("GPU 1's fault tainted GPU 0")
+	}
+}
+
+// The driver's own first publish (before the helper's controller takes over) carries the counter
+// sets: without them the scheduler would see devices that consume nothing.
+func TestFirstPublishKeepsCounterSets(t *testing.T) {
+	lib, node := openSim(t, "dgx-h100")
+	e := newEnv(t, lib, node, dynamicProfile)
+	n := 0
+	e.client.PrependReactor("create", "resourceslices", func(a k8stesting.Action) (bool, runtime.Object, error) {
+		obj := a.(k8stesting.CreateAction).GetObject().(*resourceapi.ResourceSlice)
+		if obj.Name == "" {
+			n++
+			obj.Name = fmt.Sprintf("%s%d", obj.GenerateName, n) // the fake API server does not generate names
+		}
+		return false, nil, nil
+	})
+	e.d.firstPublish(e.ctx, e.d.Inventory().DriverResources(nil, attrOptions{}))
+	list, err := e.client.ResourceV1().ResourceSlices().List(e.ctx, metav1.ListOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	sets, devices := 0, 0
+	for _, s := range list.Items {
+		sets += len(s.Spec.SharedCounters)
+		devices += len(s.Spec.Devices)
+	}
+	if sets != 2 || devices != 2*26+1 {
+		t.Fatalf("first publish: %d slices, %d counter sets, %d devices", len(list.Items), sets, devices)
 	}
 }

@@ -50,6 +50,10 @@ func (d *Driver) firstPublish(ctx context.Context, dr resourceslice.DriverResour
 				NodeName: ptr.To(d.node),
 				Pool:     resourceapi.ResourcePool{Name: d.node, Generation: 1, ResourceSliceCount: int64(n)},
 				Devices:  s.Devices,
+				// Counter sets too: devices of mig-dynamic GPUs and siblings consume them, and a
+				// pool without them would let the scheduler allocate overlapping devices.
+				SharedCounters:         s.SharedCounters,
+				PartitionTypeAttribute: s.PartitionTypeAttribute,
 			},
 		}
 		if _, err := rc.Create(ctx, slice, metav1.CreateOptions{}); err != nil {

@@ -97,12 +97,12 @@ func runDRADemo(ctx context.Context, c *harness.Cluster, binDir string) error {
 			devices += len(s.Spec.Devices)
 			counters += len(s.Spec.SharedCounters)
 		}
-		return devices == 1+25+1+2, nil
+		return devices == 1+25+1+2 && counters == 1, nil
 	})
 	if err != nil {
 		return fmt.Errorf("ResourceSlices: %w\n%s", err, hp.Logs())
 	}
-	fmt.Printf("driver up, %d devices and %d counter set published in %s (GPU 0: the whole GPU and 25 MIG placements; GPU 1: one shared device; GPUs 2-3 whole)\n",
+	fmt.Printf("driver up, %d devices and %d counter set (GPU 0's) published in %s (GPU 0: the whole GPU and 25 MIG placements; GPU 1: one shared device; GPUs 2-3 whole)\n",
 		devices, counters, time.Since(t0).Round(time.Millisecond))
 	opts := backend.Options{NVML: "sim:dgx-h100", SimStateDir: simDir}
 
