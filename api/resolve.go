@@ -579,5 +579,15 @@ func (a Assignment) String() string {
 	if a.ResourceName != "" {
 		parts = append([]string{a.ResourceName}, parts...)
 	}
+	if len(a.Modes) > 0 {
+		ms := make([]string, len(a.Modes))
+		for i, m := range a.Modes {
+			ms[i] = string(m)
+		}
+		parts = append([]string{"modes=" + strings.Join(ms, ",")}, parts...)
+		if slices.Contains(a.Modes, ModeTimeSliced) && a.Mode != ModeTimeSliced {
+			parts = append(parts, "replicas="+strconv.Itoa(a.Replicas), "interval="+string(a.Interval))
+		}
+	}
 	return strings.Join(parts, " ")
 }
