@@ -225,6 +225,16 @@ func New(ctx context.Context, lib nvmlib.Interface, opts ...Option) (*Driver, er
 	return d, nil
 }
 
+func cmpBool(a, b bool) int {
+	switch {
+	case a == b:
+		return 0
+	case a:
+		return 1
+	}
+	return -1
+}
+
 // ReadBootID reads the node's boot ID from /proc/sys/kernel/random/boot_id.
 func ReadBootID() (string, error) {
 	b, err := os.ReadFile("/proc/sys/kernel/random/boot_id")
@@ -298,6 +308,11 @@ func (d *Driver) reconcile(ctx context.Context) error {
 			keep = append(keep, string(uid))
 		}
 	}
+	// Claims that stay prepared are indexed before any interrupted prepare is rolled back: undoing
+	// one asks whether other claims still share its GPU (its interval, its MPS daemon).
+	slices.SortStableFunc(cps, func(a, b *Checkpoint) int {
+		return cmpBool(a.BootID == d.bootID && a.Phase == PhaseStarted, b.BootID == d.bootID && b.Phase == PhaseStarted)
+	})
 	for _, c := range cps {
 		switch {
 		case c.BootID != d.bootID:
@@ -470,8 +485,23 @@ func (d *Driver) rebuild(ctx context.Context) error {
 			return fmt.Errorf("dra: reading the node's GPUs: %w", err)
 		}
 	}
+	// The GPU instances are read before the claims' own list: an instance a Prepare makes in between
+	// is then in both or in neither, never foreign.
+	instances := map[int][]nvmlib.GpuInstance{}
+	instErr := map[int]error{}
+	for _, g := range snap.GPUs {
+		if g.MigEnabled && g.Error == "" {
+			instances[g.Index], instErr[g.Index] = d.lib.GpuInstances(g.Index)
+		}
+	}
+	owned := d.ownedInstances()
 	inv := Build(BuildInput{Pool: d.node, Snapshot: snap, Resolution: res, Profiles: d.lib.MigProfiles,
-		Instances: d.lib.GpuInstances, Owned: d.ownedInstances(), Features: d.features})
+		Instances: func(i int) ([]nvmlib.GpuInstance, error) {
+			if gis, ok := instances[i]; ok || instErr[i] != nil {
+				return gis, instErr[i]
+			}
+			return d.lib.GpuInstances(i)
+		}, Owned: owned, Features: d.features})
 	d.inv.Store(inv)
 	d.reportSkipped(inv)
 	d.reportHidden(inv)

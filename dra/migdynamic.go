@@ -172,6 +172,8 @@ func DynamicName(index int, profile string, start int) string {
 type ownedInstance struct {
 	ProfileID int
 	Placement nvmlib.Placement
+	// Held: the claim is unprepared but the instance could not be destroyed yet.
+	Held bool
 }
 
 // buildDynamic adds the devices of one mig-dynamic GPU. Placements that overlap a GPU instance
@@ -183,9 +185,23 @@ func (inv *Inventory) buildDynamic(g nvmlib.GPU, allowed []string, ps []nvmlib.M
 		return nil, err
 	}
 	var foreign []nvmlib.GpuInstance
+	byID := map[int]nvmlib.MigProfile{}
+	for _, p := range ps {
+		byID[p.ID] = p
+	}
 	for _, gi := range gis {
-		if !slices.Contains(owned, ownedInstance{ProfileID: gi.ProfileID, Placement: gi.Placement}) {
+		i := slices.IndexFunc(owned, func(o ownedInstance) bool { return o.ProfileID == gi.ProfileID && o.Placement == gi.Placement })
+		if i < 0 {
 			foreign = append(foreign, gi)
+		}
+		if i < 0 || owned[i].Held {
+			// Not the scheduler's to account (foreign, or its claim is gone but the instance is not):
+			// what it takes of compute slices and engines is not offered.
+			for name, n := range engineUse(byID[gi.ProfileID]) {
+				if _, ok := shape.totals[name]; ok {
+					shape.totals[name] = max(0, shape.totals[name]-n)
+				}
+			}
 		}
 	}
 	overlapsForeign := func(pl nvmlib.Placement) bool {
@@ -263,8 +279,9 @@ func createDynamic(lib nvmlib.Interface, gpu cdi.GPU, dm *DynamicMIG) (cdi.Devic
 		ci, err = lib.CreateComputeInstance(gpu.Index, gi, slices.Max(sizes))
 	}
 	if err != nil {
-		if derr := lib.DestroyGpuInstance(gpu.Index, gi); derr != nil {
+		if derr := destroyInstances(lib, gpu.Index, gi); derr != nil {
 			err = errors.Join(err, fmt.Errorf("destroying the GPU instance again: %w", derr))
+			dm.GI = gi // still there: the caller records it
 		}
 		return cdi.Device{}, fmt.Errorf("creating the compute instance of %s: %w", where, err)
 	}
@@ -279,6 +296,9 @@ func createDynamic(lib nvmlib.Interface, gpu cdi.GPU, dm *DynamicMIG) (cdi.Devic
 		err = errors.New("NVML lists no MIG device for it")
 	}
 	derr := destroyInstances(lib, gpu.Index, gi)
+	if derr != nil {
+		dm.GI, dm.CI = gi, ci // still there: the caller records it
+	}
 	return cdi.Device{}, errors.Join(fmt.Errorf("reading the MIG device of %s: %w", where, err), derr)
 }
 

@@ -38,9 +38,21 @@ func (d *Driver) ensureMIGMode(ctx context.Context, snap *inventory.Snapshot, re
 			want[a.GPU.Index] = true
 		}
 	}
+	busy := map[string]bool{}
+	d.idxMu.Lock()
+	for _, c := range d.index {
+		for _, pd := range c.Devices {
+			busy[pd.CDI.GPU.UUID] = true
+		}
+	}
+	d.idxMu.Unlock()
 	changed := false
 	for _, g := range snap.GPUs {
 		if !want[g.Index] || !g.MigCapable || g.MigEnabled || g.MigPending || g.UUID == "" || g.Error != "" {
+			continue
+		}
+		if busy[g.UUID] {
+			klog.FromContext(ctx).Info("MIG mode not turned on: a claim prepared in another mode still holds the GPU", "gpu", g.Index)
 			continue
 		}
 		unlock, err := d.locks.Lock(ctx, []string{g.UUID})
@@ -75,7 +87,7 @@ func (d *Driver) ownedInstances() map[string][]ownedInstance {
 		for _, pd := range c.Devices {
 			if pd.Dynamic != nil {
 				u := pd.CDI.GPU.UUID
-				out[u] = append(out[u], ownedInstance{ProfileID: pd.Dynamic.ProfileID, Placement: pd.Dynamic.Placement})
+				out[u] = append(out[u], ownedInstance{ProfileID: pd.Dynamic.ProfileID, Placement: pd.Dynamic.Placement, Held: c.Phase == PhaseDestroyPending})
 			}
 		}
 	}
@@ -134,11 +146,13 @@ func (d *Driver) finishPending(ctx context.Context, uid types.UID) error {
 	if err != nil {
 		return err
 	}
-	defer unlock()
 	if c == nil || c.Phase != PhaseDestroyPending {
+		unlock()
 		return nil
 	}
-	if err := d.undo(ctx, c, true); err != nil {
+	err = d.undo(ctx, c, true)
+	unlock() // republishing waits for rebuilds, which take GPU locks
+	if err != nil {
 		return err
 	}
 	klog.FromContext(ctx).Info("MIG instance destroyed after its processes ended", "claim", c.Claim.String())

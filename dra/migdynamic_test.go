@@ -535,3 +535,33 @@ func TestFirstPublishKeepsCounterSets(t *testing.T) {
 		t.Fatalf("first publish: %d slices, %d counter sets, %d devices", len(list.Items), sets, devices)
 	}
 }
+
+// A foreign instance holds the GPU's only OFA engine (a +me profile): no other +me placement is
+// offered as allocatable, while plain 1g placements are.
+func TestDynamicMIGForeignInstanceEnginesNotOffered(t *testing.T) {
+	lib, node := openSim(t, "dgx-h100")
+	e := newEnv(t, lib, node, strings.Replace(dynamicProfile, "indices: [0, 1]", "indices: [0]", 1))
+	me := profileByName(t, lib, 0, "1g.10gb+me")
+	gi, err := lib.CreateGpuInstance(0, me.ID, nvmlib.Placement{Start: 6, Size: 1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := lib.CreateComputeInstance(0, gi, 1); err != nil {
+		t.Fatal(err)
+	}
+	if err := e.d.rebuild(e.ctx); err != nil {
+		t.Fatal(err)
+	}
+	c := newCluster(t, toSlices(e.pub.last(), 1))
+	if cl := c.allocate(request("mig.tessera.dev", 1, profileIs("1g.10gb+me"))); cl != nil {
+		t.Fatalf("a second +me allocated beside a foreign one: %v", devicesOf(cl))
+	}
+	for i := range 6 {
+		if cl := c.allocate(request("mig.tessera.dev", 1, profileIs("1g.10gb"))); cl == nil {
+			t.Fatalf("1g.10gb claim %d beside the foreign instance not allocated", i)
+		}
+	}
+	if cl := c.allocate(request("mig.tessera.dev", 1, profileIs("1g.10gb"))); cl != nil {
+		t.Fatalf("a 7th 1g.10gb beside the foreign one: %v", devicesOf(cl))
+	}
+}

@@ -251,6 +251,9 @@ func (d *Driver) prepare(ctx context.Context, claim *resourceapi.ResourceClaim, 
 			dm := *pd.Dynamic
 			dev, err := createDynamic(d.lib, pd.CDI.GPU, &dm)
 			if err != nil {
+				if dm.GI >= 0 { // made, and not destroyed again: undo tries once more
+					done.Devices[i].Dynamic = &dm
+				}
 				return fail(err)
 			}
 			done.Devices[i].Dynamic, done.Devices[i].CDI = &dm, dev
@@ -432,7 +435,8 @@ func (d *Driver) unprepare(ctx context.Context, obj kubeletplugin.NamespacedObje
 	if err != nil {
 		return err
 	}
-	defer unlock()
+	release := sync.OnceFunc(unlock)
+	defer release()
 	if c == nil {
 		// Never prepared, or unprepared already: make sure nothing is left.
 		return d.cdi.RemoveClaimSpec(string(obj.UID))
@@ -446,6 +450,7 @@ func (d *Driver) unprepare(ctx context.Context, obj kubeletplugin.NamespacedObje
 		if err := d.destroyPending(c); err != nil {
 			return err
 		}
+		release() // republishing waits for rebuilds, which take GPU locks
 		d.republish(ctx)
 	} else if err != nil {
 		return err

@@ -240,7 +240,10 @@ func (d *Driver) undoMPS(ctx context.Context, c *Checkpoint) error {
 			}
 		}
 		if n == 0 && registered == 0 {
-			if err := d.mps.Stop(ctx, gpu, mps.StopOptions{}); err != nil {
+			// A daemon that no longer runs (it died with an earlier container) still lists its
+			// clients in its record: clear it, restoring the compute mode, or the claim never
+			// unprepares.
+			if err := d.mps.Stop(ctx, gpu, mps.StopOptions{Force: dm == nil}); err != nil {
 				return err
 			}
 			continue

@@ -392,3 +392,36 @@ func TestSharedRefusals(t *testing.T) {
 		t.Errorf("twice: %v", r.Err)
 	}
 }
+
+// The MPS daemon dies (with the container that ran it) while a claim is prepared: the claim still
+// unprepares, and the daemon's record is cleared with the GPU's compute mode put back.
+func TestSharedMPSDeadDaemonStillUnprepares(t *testing.T) {
+	e, m := sharedEnv(t)
+	gpu1, _ := e.lib.GPU(1)
+	a := e.shareClaim("a", "gpu-1", "memory", "10Gi", "computePercent", "20")
+	e.mustPrepare(a)
+	dm, err := m.Attach(e.ctx, gpu1.UUID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	p, err := os.FindProcess(dm.PID())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := p.Kill(); err != nil {
+		t.Fatal(err)
+	}
+	poll(t, "the daemon gone", func() (bool, error) {
+		_, err := m.Attach(e.ctx, gpu1.UUID)
+		return errors.Is(err, mps.ErrNotRunning), nil
+	})
+	if err := e.unprepare(a); err != nil {
+		t.Fatalf("unprepare with the daemon gone: %v", err)
+	}
+	if _, err := e.checkpoint(a.UID); !errors.Is(err, ErrNoCheckpoint) {
+		t.Fatalf("checkpoint left: %v", err)
+	}
+	if cm := computeMode(t, e, 1); cm != nvmlib.ComputeModeDefault {
+		t.Fatalf("GPU 1 left in %s", cm)
+	}
+}
