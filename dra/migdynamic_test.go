@@ -305,10 +305,10 @@ func TestDynamicMIGCrashBetweenCreateAndCheckpointLeavesNothing(t *testing.T) {
 	if len(migDevicesOn(t, lib, 0)) != 1 {
 		t.Fatal("the crash came after the instance was created; it should exist now")
 	}
-	if ck, err := e.checkpoint(cl.UID); err != nil || ck.Phase != PhaseStarted || ck.Devices[0].Dynamic.GI != -1 {
+	if ck, err := e.checkpoint(cl.UID); err != nil || ck.Phase != PhaseStarted || ck.Devices[0].Dynamic.GI != migDevicesOn(t, lib, 0)[0].GI {
 		t.Fatalf("checkpoint at the crash: %+v %v", ck, err)
 	}
-	e.start() // restart: reconciliation finds the instance by its placement and destroys it
+	e.start() // restart: reconciliation destroys the recorded instance
 	if gis, _ := lib.GpuInstances(0); len(gis) != 0 {
 		t.Fatalf("leaked GPU instances after restart: %+v", gis)
 	}
@@ -319,6 +319,28 @@ func TestDynamicMIGCrashBetweenCreateAndCheckpointLeavesNothing(t *testing.T) {
 	e.mustPrepare(cl)
 	if len(migDevicesOn(t, lib, 0)) != 1 {
 		t.Fatal("prepare after restart made no instance")
+	}
+
+	// A crash right after NVML made the instance, before its ID was recorded: the checkpoint has
+	// only the profile and placement, and the restart finds the instance by them.
+	p := profileByName(t, lib, 0, "1g.10gb")
+	e.d.hooks.afterStarted = func(ClaimRef) error {
+		gi, err := lib.CreateGpuInstance(0, p.ID, nvmlib.Placement{Start: 6, Size: 1})
+		if err == nil {
+			_, err = lib.CreateComputeInstance(0, gi, 1)
+		}
+		return errors.Join(crash, err)
+	}
+	c2 := e.claim("mig2", []alloc{{"mig", "gpu-0-mig-1g-10gb-6", false}})
+	if r := e.prepare(c2)[c2.UID]; !errors.Is(r.Err, crash) {
+		t.Fatalf("prepare: %v", r.Err)
+	}
+	if ck, err := e.checkpoint(c2.UID); err != nil || ck.Devices[0].Dynamic.GI != -1 || len(migDevicesOn(t, lib, 0)) != 2 {
+		t.Fatalf("at the crash: %+v %v", ck, err)
+	}
+	e.start()
+	if m := migDevicesOn(t, lib, 0); len(m) != 1 || m[0].Profile != "2g.20gb" {
+		t.Fatalf("after restart: %+v (the unrecorded 1g.10gb must go, the prepared 2g.20gb stay)", m)
 	}
 }
 

@@ -259,6 +259,15 @@ func (d *Driver) prepare(ctx context.Context, claim *resourceapi.ResourceClaim, 
 			done.Devices[i].Dynamic, done.Devices[i].CDI = &dm, dev
 		}
 	}
+	if made := slices.ContainsFunc(done.Devices, func(pd PreparedDevice) bool { return pd.Dynamic != nil }); made {
+		// Record the instances' IDs at once, so that a crash from here on undoes exactly them, never
+		// an instance someone else makes at the same placement meanwhile.
+		mid := done
+		mid.Phase = PhaseStarted
+		if err := d.ckpt.write(&mid); err != nil {
+			return fail(err)
+		}
+	}
 	sw.lap("mig")
 	if err := d.prepareMPS(ctx, &done); err != nil {
 		return fail(err)
