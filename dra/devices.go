@@ -490,11 +490,7 @@ func (d *Device) resource(sys nvmlib.SystemInfo, o attrOptions) resourceapi.Devi
 		capacity["memory"] = mib(m.MemoryMiB)
 		capacity["multiprocessors"] = count(m.SMCount)
 		if p := d.Profile; p != nil {
-			capacity["copyEngines"] = count(p.CopyEngines)
-			capacity["decoders"] = count(p.Decoders)
-			capacity["encoders"] = count(p.Encoders)
-			capacity["jpegEngines"] = count(p.JPEGs)
-			capacity["ofaEngines"] = count(p.OFAs)
+			engineCapacities(capacity, *p, count)
 		}
 	case d.Dynamic != nil:
 		p := d.Dynamic.Profile
@@ -509,11 +505,7 @@ func (d *Device) resource(sys nvmlib.SystemInfo, o attrOptions) resourceapi.Devi
 		attrs["placementSize"] = num(d.Dynamic.Placement.Size)
 		capacity["memory"] = mib(p.MemoryMiB)
 		capacity["multiprocessors"] = count(p.SMCount)
-		capacity["copyEngines"] = count(p.CopyEngines)
-		capacity["decoders"] = count(p.Decoders)
-		capacity["encoders"] = count(p.Encoders)
-		capacity["jpegEngines"] = count(p.JPEGs)
-		capacity["ofaEngines"] = count(p.OFAs)
+		engineCapacities(capacity, p, count)
 	case d.Capacity != nil:
 		// Mode shared: claims consume parts of the GPU's memory and compute. Memory is NVML's
 		// figure minus the reserve, requested in steps; a claim that names no capacity consumes
@@ -560,6 +552,15 @@ func (d *Device) resource(sys nvmlib.SystemInfo, o attrOptions) resourceapi.Devi
 		capacity["memory"] = mib(g.MemoryMiB)
 	}
 	return out
+}
+
+// engineCapacities adds the engines of a MIG profile (NVML's GPU-instance profile figures).
+func engineCapacities(c map[resourceapi.QualifiedName]resourceapi.DeviceCapacity, p nvmlib.MigProfile, count func(int) resourceapi.DeviceCapacity) {
+	c["copyEngines"] = count(p.CopyEngines)
+	c["decoders"] = count(p.Decoders)
+	c["encoders"] = count(p.Encoders)
+	c["jpegEngines"] = count(p.JPEGs)
+	c["ofaEngines"] = count(p.OFAs)
 }
 
 // Semver turns an NVML version ("570.133.20", "9.0", "12.8", "535.104.05") into a semantic version
