@@ -48,7 +48,9 @@ type GPUResult struct {
 	Layout    []Instance `json:"layout,omitempty"`
 	Created   []Instance `json:"created,omitempty"`
 	Destroyed []Instance `json:"destroyed,omitempty"`
-	Message   string     `json:"message,omitempty"`
+	// ModeChange is set when the GPU's MIG mode changes (or, in a dry run, would change).
+	ModeChange bool   `json:"modeChange,omitempty"`
+	Message    string `json:"message,omitempty"`
 }
 
 // Report is the outcome for the node.
@@ -215,6 +217,7 @@ func applyGPU(ctx context.Context, lib nvmlib.Interface, g nvmlib.GPU, d desired
 		if g.MigPending {
 			return fail(StatusPendingReset, "MIG mode is pending enable: reset the GPU or reboot the node, then apply again")
 		}
+		res.ModeChange = true
 		if opts.DryRun {
 			res.Status = StatusPlanned
 			res.Message = "would enable MIG mode, then place " + countsString(d.counts) + " (NVML lists placements only in MIG mode)"
@@ -299,6 +302,7 @@ func disableGPU(lib nvmlib.Interface, g nvmlib.GPU, opts Options, res GPUResult)
 		res.Status = StatusUnchanged
 		return res
 	}
+	res.ModeChange = true
 	if !g.MigEnabled && g.MigPending {
 		if opts.DryRun {
 			res.Status, res.Message = StatusPlanned, "would cancel the pending MIG enable"
