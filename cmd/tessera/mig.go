@@ -18,7 +18,7 @@ func newMigCmd(opts *backend.Options) *cobra.Command {
 		Use:   "mig",
 		Short: "Make the node's MIG layout match a mig-parted v1 config, check it, or show it",
 	}
-	cmd.AddCommand(migApplyCmd(opts), migAssertCmd(opts), migShowCmd(opts))
+	cmd.AddCommand(migApplyCmd(opts), migAssertCmd(opts), migShowCmd(opts), migManagerCmd(opts))
 	return cmd
 }
 

@@ -6,6 +6,7 @@ package backend
 import (
 	"fmt"
 	"os"
+	"path/filepath"
 	"strings"
 
 	"github.com/spf13/pflag"
@@ -73,4 +74,31 @@ func (o Options) OpenNode() (*sim.Node, error) {
 		return nil, fmt.Errorf("--nvml: %w", err)
 	}
 	return sim.Open(spec, o.SimStateDir)
+}
+
+// BootIDFunc returns where the node's boot ID comes from: the simulated node's own (a simulated
+// reboot changes it) or the kernel's.
+func BootIDFunc(node *sim.Node) func() (string, error) {
+	if node != nil {
+		return node.BootID
+	}
+	return func() (string, error) {
+		b, err := os.ReadFile("/proc/sys/kernel/random/boot_id")
+		if err != nil {
+			return "", fmt.Errorf("reading the boot ID: %w", err)
+		}
+		return strings.TrimSpace(string(b)), nil
+	}
+}
+
+// MIGGateDir is the MIG manager's handshake directory: flag when set, else <state dir>/mig-manager
+// on a simulated node (so every process on it shares one), else the node-wide default.
+func MIGGateDir(flag string, node *sim.Node, def string) string {
+	if flag != "" {
+		return flag
+	}
+	if node != nil {
+		return filepath.Join(node.Dir(), "mig-manager")
+	}
+	return def
 }
