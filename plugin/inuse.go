@@ -17,6 +17,11 @@ type InUse interface {
 	InUse(ctx context.Context) (map[string]map[string]bool, error)
 }
 
+// userLister is an InUse that also says who uses each device (PodResources does).
+type userLister interface {
+	Users(ctx context.Context) (map[string]map[string]string, error)
+}
+
 // DefaultPodResourcesSocket is where the kubelet serves its PodResources API.
 const DefaultPodResourcesSocket = "/var/lib/kubelet/pod-resources/kubelet.sock"
 
@@ -44,23 +49,40 @@ func NewPodResources(socket string) (*PodResources, error) {
 
 // InUse lists the devices of every container the kubelet knows.
 func (p *PodResources) InUse(ctx context.Context) (map[string]map[string]bool, error) {
+	users, err := p.Users(ctx)
+	if err != nil {
+		return nil, err
+	}
+	out := make(map[string]map[string]bool, len(users))
+	for r, ids := range users {
+		m := make(map[string]bool, len(ids))
+		for id := range ids {
+			m[id] = true
+		}
+		out[r] = m
+	}
+	return out, nil
+}
+
+// Users lists who uses each device: resource → device ID → "pod <namespace>/<name>".
+func (p *PodResources) Users(ctx context.Context) (map[string]map[string]string, error) {
 	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
 	resp, err := p.client.List(ctx, &podresourcesapi.ListPodResourcesRequest{})
 	if err != nil {
 		return nil, fmt.Errorf("listing pod resources at %s: %w", p.socket, err)
 	}
-	out := map[string]map[string]bool{}
+	out := map[string]map[string]string{}
 	for _, pod := range resp.PodResources {
 		for _, c := range pod.Containers {
 			for _, d := range c.Devices {
 				m := out[d.ResourceName]
 				if m == nil {
-					m = map[string]bool{}
+					m = map[string]string{}
 					out[d.ResourceName] = m
 				}
 				for _, id := range d.DeviceIds {
-					m[id] = true
+					m[id] = "pod " + pod.Namespace + "/" + pod.Name
 				}
 			}
 		}

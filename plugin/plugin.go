@@ -36,6 +36,7 @@ import (
 	"github.com/tessera-gpu/tessera/health"
 	"github.com/tessera-gpu/tessera/partitioning/inventory"
 	"github.com/tessera-gpu/tessera/partitioning/mig"
+	"github.com/tessera-gpu/tessera/partitioning/miggate"
 	"github.com/tessera-gpu/tessera/partitioning/mps"
 	"github.com/tessera-gpu/tessera/partitioning/nvmlib"
 )
@@ -71,6 +72,7 @@ type config struct {
 	labels          NodeLabeler
 	kubeletInterval time.Duration
 	pendingInterval time.Duration
+	gate            *miggate.Follower
 }
 
 // WithDevicePluginDir sets where kubelet.sock is and where the plugin's sockets go
@@ -128,6 +130,9 @@ type Plugin struct {
 	servers map[string]*resourceServer
 	extras  map[*Device]*deviceExtras
 	pending map[int]string
+	// rescan are GPUs whose MIG devices the MIG manager changed: re-planned from the hardware as
+	// it is, without any change to it (so devices in use do not hold them back).
+	rescan map[int]bool
 	// extrasSpecs is whether extras hold device specs (passDeviceSpecs when they were computed).
 	extrasSpecs bool
 
@@ -181,7 +186,7 @@ func New(ctx context.Context, lib nvmlib.Interface, opts ...Option) (*Plugin, er
 	}
 	p := &Plugin{lib: lib, cfg: cfg, inv: inv, topo: readTopology(lib, numa), snap: snap,
 		gpus: map[int]*gpuState{}, servers: map[string]*resourceServer{}, extras: map[*Device]*deviceExtras{},
-		pending: map[int]string{}, dirty: map[int]bool{}, poke: make(chan struct{}, 1)}
+		pending: map[int]string{}, rescan: map[int]bool{}, dirty: map[int]bool{}, poke: make(chan struct{}, 1)}
 	p.live.Store(&[]*resourceServer{})
 	p.unserved.Store(&map[int]bool{})
 	return p, nil
@@ -229,7 +234,11 @@ func (p *Plugin) Update(ctx context.Context, res *api.Resolution) error {
 		}
 		p.cfg.monitor.SetPolicy(pol)
 	}
-	return p.reconcileLocked(ctx)
+	err := p.reconcileLocked(ctx)
+	if p.cfg.gate != nil {
+		p.cfg.gate.Poke() // the GPUs the plugin owns may have changed: tell the MIG manager now
+	}
+	return err
 }
 
 func (p *Plugin) checkStrategies(res *api.Resolution) error {
@@ -311,7 +320,7 @@ func (p *Plugin) reconcileLocked(ctx context.Context) error {
 	p.dirtyMu.Lock()
 	dirty := maps.Clone(p.dirty)
 	p.dirtyMu.Unlock()
-	var changed []int
+	var changed, rescanned []int
 	for _, i := range slices.Sorted(maps.Keys(indices)) {
 		a, owned := want[i]
 		digest := ""
@@ -321,6 +330,9 @@ func (p *Plugin) reconcileLocked(ctx context.Context) error {
 		old := p.gpus[i]
 		if old != nil && old.digest == digest && !dirty[i] {
 			delete(p.pending, i)
+			if p.rescan[i] {
+				rescanned = append(rescanned, i)
+			}
 			continue
 		}
 		if old == nil && !owned {
@@ -342,20 +354,21 @@ func (p *Plugin) reconcileLocked(ctx context.Context) error {
 		p.dirtyMu.Unlock()
 		changed = append(changed, i)
 	}
+	clear(p.rescan)
 	var errs []error
-	if len(changed) > 0 {
+	if len(changed) > 0 || len(rescanned) > 0 {
 		hwChanged, err := p.prepareHardware(ctx, changed, want)
 		if err != nil {
 			errs = append(errs, err)
 		}
-		if hwChanged || len(dirty) > 0 {
+		if hwChanged || len(dirty) > 0 || len(rescanned) > 0 {
 			snap, err := p.inv.Snapshot(ctx)
 			if err != nil {
 				return fmt.Errorf("reading the node's GPUs: %w", err)
 			}
 			p.snap = snap
 		}
-		for _, i := range changed {
+		for _, i := range slices.Sorted(slices.Values(append(changed, rescanned...))) {
 			a, owned := want[i]
 			old := p.gpus[i]
 			if !owned {
@@ -556,7 +569,12 @@ func (p *Plugin) fitCount(gpu int, profile string) (int, error) {
 func (p *Plugin) publishLocked(ctx context.Context, res *api.Resolution) error {
 	var all []*Device
 	for _, i := range slices.Sorted(maps.Keys(p.gpus)) {
-		all = append(all, p.gpus[i].devices...)
+		for _, d := range p.gpus[i].devices {
+			// Devices the MIG manager holds are not advertised until its change is done.
+			if !p.held(d) {
+				all = append(all, d)
+			}
+		}
 	}
 	var errs []error
 	// Extras of devices no longer served are dropped; new ones computed (all of them again when

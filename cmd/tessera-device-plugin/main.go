@@ -27,6 +27,7 @@ import (
 	"github.com/tessera-gpu/tessera/cdi"
 	"github.com/tessera-gpu/tessera/health"
 	"github.com/tessera-gpu/tessera/partitioning/backend"
+	"github.com/tessera-gpu/tessera/partitioning/miggate"
 	"github.com/tessera-gpu/tessera/partitioning/mps"
 	"github.com/tessera-gpu/tessera/partitioning/nvmlib"
 	"github.com/tessera-gpu/tessera/plugin"
@@ -58,6 +59,8 @@ type options struct {
 	probeInterval       time.Duration
 	quietPeriod         time.Duration
 	profileInterval     time.Duration
+	migManager          bool
+	migManagerDir       string
 }
 
 func (o *options) addFlags(fs *pflag.FlagSet) {
@@ -84,6 +87,8 @@ func (o *options) addFlags(fs *pflag.FlagSet) {
 	fs.DurationVar(&o.probeInterval, "health-probe-interval", 10*time.Second, "how often unhealthy GPUs are probed for recovery")
 	fs.DurationVar(&o.quietPeriod, "health-quiet-period", health.DefaultQuietPeriod, "how long a transient fault must stay quiet before its GPU is healthy again")
 	fs.DurationVar(&o.profileInterval, "config-poll-interval", time.Second, "how often the config file is checked for edits")
+	fs.BoolVar(&o.migManager, "mig-manager", true, "follow the node MIG manager (tessera mig manager): withdraw the devices a layout change touches until it is done, and after a reboot wait for it before advertising the GPUs it manages")
+	fs.StringVar(&o.migManagerDir, "mig-manager-dir", "", "the MIG manager's handshake directory (default "+miggate.DefaultDir+", or <sim state dir>/mig-manager on a simulated node)")
 }
 
 func main() {
@@ -192,6 +197,13 @@ func run(ctx context.Context, o options, started func(*plugin.Plugin)) error {
 		popts = append(popts, plugin.WithEvents(ne), plugin.WithNodeLabels(plugin.NewKubeLabeler(client, o.nodeName)))
 	}
 
+	if o.migManager {
+		boot, err := backend.BootIDFunc(node)()
+		if err != nil {
+			return err
+		}
+		popts = append(popts, plugin.WithMIGGate(miggate.NewFollower(backend.MIGGateDir(o.migManagerDir, node, miggate.DefaultDir), miggate.FrontEndDevicePlugin, boot)))
+	}
 	p, err := plugin.New(ctx, lib, popts...)
 	if err != nil {
 		return err
@@ -203,6 +215,7 @@ func run(ctx context.Context, o options, started func(*plugin.Plugin)) error {
 	if err := p.Update(ctx, first); err != nil {
 		klog.ErrorS(err, "Some GPUs are not served")
 	}
+	go p.RunMIGGate(ctx)
 	if watcher != nil {
 		go func() {
 			_ = watcher.Run(ctx, func(cur *profile.Current) {
