@@ -134,8 +134,12 @@ type Inventory struct {
 	// Hidden lists placements of mig-dynamic GPUs not published because a MIG instance Tessera did
 	// not create overlaps them.
 	Hidden []string
+	// WithheldDevices are the devices the MIG manager holds (see WithMIGGate): not published, not
+	// prepared, until it releases them.
+	WithheldDevices []*Device
 
-	byName map[string]*Device
+	byName   map[string]*Device
+	withheld map[string]*Device
 }
 
 // Device looks a device up by name.

@@ -25,6 +25,7 @@ import (
 	"github.com/tessera-gpu/tessera/cdi"
 	"github.com/tessera-gpu/tessera/health"
 	"github.com/tessera-gpu/tessera/partitioning/inventory"
+	"github.com/tessera-gpu/tessera/partitioning/miggate"
 	"github.com/tessera-gpu/tessera/partitioning/mps"
 	"github.com/tessera-gpu/tessera/partitioning/nvmlib"
 )
@@ -129,6 +130,7 @@ type Driver struct {
 	events       EventRecorder
 	monitor      *health.Monitor
 	mps          *mps.Manager
+	gate         *miggate.Follower
 	noExecute    atomic.Bool
 	version      string
 	sysfsRoot    string
@@ -142,16 +144,19 @@ type Driver struct {
 	hooks  hooks
 
 	// What is published: rebuilt under rebuildMu, read lock-free by Prepare.
-	inv        atomic.Pointer[Inventory]
-	res        atomic.Pointer[api.Resolution]
-	rebuildMu  sync.Mutex
-	features   Features
-	published  *resourceslice.DriverResources
-	publisher  Publisher
-	skipped    map[int]string
-	hidden     []string
-	timeSliced map[int]api.TimeSliceInterval
-	pcieRoots  sync.Map // bus ID → root ("" when unknown)
+	inv       atomic.Pointer[Inventory]
+	res       atomic.Pointer[api.Resolution]
+	rebuildMu sync.Mutex
+	features  Features
+	published *resourceslice.DriverResources
+	// publishedInv is the inventory of the slices published last (nil: none yet).
+	publishedInv *Inventory
+	publisher    Publisher
+	withheldLast []string
+	skipped      map[int]string
+	hidden       []string
+	timeSliced   map[int]api.TimeSliceInterval
+	pcieRoots    sync.Map // bus ID → root ("" when unknown)
 
 	// index caches the checkpoints (claim → devices) for the in-use check and Unprepare.
 	idxMu    sync.Mutex
@@ -465,7 +470,11 @@ func (d *Driver) SetResolution(ctx context.Context, res *api.Resolution) error {
 			d.monitor.SetPolicy(p)
 		}
 	}
-	return d.rebuild(ctx)
+	err := d.rebuild(ctx)
+	if d.gate != nil {
+		d.gate.Poke() // the GPUs the driver owns may have changed: tell the MIG manager now
+	}
+	return err
 }
 
 // rebuild reads the node again and publishes what changed.
@@ -502,9 +511,13 @@ func (d *Driver) rebuild(ctx context.Context) error {
 			}
 			return d.lib.GpuInstances(i)
 		}, Owned: owned, Features: d.features})
+	// The MIG manager's holds, read under rebuildMu: a rebuild that starts after the follower stored
+	// new holds publishes without the devices they cover.
+	inv = inv.withhold(d.gateHolds())
 	d.inv.Store(inv)
 	d.reportSkipped(inv)
 	d.reportHidden(inv)
+	d.reportWithheld(ctx, inv)
 	d.applyIntervals(ctx, inv)
 	return d.publishLocked(ctx)
 }
@@ -585,12 +598,13 @@ func (d *Driver) publishLocked(ctx context.Context) error {
 	}
 	dr := inv.DriverResources(d.taints(inv), d.attrOptions())
 	if d.published != nil && reflect.DeepEqual(*d.published, dr) {
+		d.publishedInv = inv
 		return nil
 	}
 	if err := d.publisher.PublishResources(ctx, dr); err != nil {
 		return fmt.Errorf("dra: publishing ResourceSlices: %w", err)
 	}
-	d.published = &dr
+	d.published, d.publishedInv = &dr, inv
 	n := 0
 	for _, s := range dr.Pools[d.node].Slices {
 		n += len(s.Devices)
@@ -732,6 +746,9 @@ func (d *Driver) Run(ctx context.Context) {
 			}
 		})
 		d.wg.Go(func() { d.watchTaints(ctx) })
+	}
+	if d.gate != nil {
+		d.wg.Go(func() { d.gate.Run(ctx, d.applyMIGGate, d.reportMIGGate) })
 	}
 	if d.resync > 0 {
 		d.wg.Go(func() {

@@ -3,6 +3,7 @@ package dra
 import (
 	"context"
 	"fmt"
+	"slices"
 	"strings"
 	"time"
 
@@ -125,7 +126,7 @@ func (d *Driver) watchTaints(ctx context.Context) {
 	}
 }
 
-// healthReport is every published device's health.
+// healthReport is the health of every device published or withheld by the MIG manager.
 func (d *Driver) healthReport() kubeletplugin.DeviceHealthReport {
 	inv := d.inv.Load()
 	var rep kubeletplugin.DeviceHealthReport
@@ -138,7 +139,8 @@ func (d *Driver) healthReport() kubeletplugin.DeviceHealthReport {
 	if !disabled {
 		bad = d.monitor.Unhealthy()
 	}
-	for _, dev := range inv.Devices {
+	// Devices the MIG manager withholds may still be in use: their health keeps being reported.
+	for _, dev := range slices.Concat(inv.Devices, inv.WithheldDevices) {
 		h := kubeletplugin.DeviceHealth{PoolName: inv.Pool, DeviceName: dev.Name, Health: kubeletplugin.HealthStatusHealthy,
 			LastUpdated: now, HealthCheckTimeout: 3 * d.healthResend}
 		switch s, ok := d.unhealthy(dev, bad); {

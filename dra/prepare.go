@@ -126,16 +126,23 @@ func (d *Driver) prepare(ctx context.Context, claim *resourceapi.ResourceClaim, 
 		return nil, errors.New("the driver has not published its devices yet")
 	}
 	prepared := make([]PreparedDevice, 0, len(results))
+	devs := make([]*Device, 0, len(results))
 	for _, r := range results {
 		if r.Pool != inv.Pool {
 			return nil, fmt.Errorf("device %s is from pool %q, but this node's pool is %q", r.Device, r.Pool, inv.Pool)
 		}
 		dev, ok := inv.Device(r.Device)
 		if !ok {
-			// MIG devices may have been made since the last read of the node: read it once more.
-			if err := d.rebuild(ctx); err == nil {
-				inv = d.inv.Load()
-				dev, ok = inv.Device(r.Device)
+			// MIG devices may have been made since the last read of the node: read it once more
+			// (not for a device the MIG manager holds: a new read withholds it again).
+			if _, held := inv.Withheld(r.Device); !held {
+				if err := d.rebuild(ctx); err == nil {
+					inv = d.inv.Load()
+					dev, ok = inv.Device(r.Device)
+				}
+			}
+			if w, held := inv.Withheld(r.Device); !ok && held {
+				return nil, withdrawnError(w)
 			}
 			if !ok {
 				return nil, fmt.Errorf("device %s is not (or no longer) published by this node", r.Device)
@@ -174,6 +181,7 @@ func (d *Driver) prepare(ctx context.Context, claim *resourceapi.ResourceClaim, 
 			}
 		}
 		prepared = append(prepared, pd)
+		devs = append(devs, dev)
 	}
 	c := &Checkpoint{Format: CheckpointFormat, DriverVersion: d.version, Claim: ref, BootID: d.bootID, Phase: PhaseStarted, Devices: prepared}
 
@@ -217,6 +225,12 @@ func (d *Driver) prepare(ctx context.Context, claim *resourceapi.ResourceClaim, 
 	d.idxMu.Lock()
 	d.index[ref.UID] = c
 	d.idxMu.Unlock()
+	// The MIG manager's holds are checked only now that the claim is in the index: a hold stored
+	// before this check refuses the claim, one stored after it finds the claim in use.
+	if err := d.checkHeld(devs); err != nil {
+		d.forget(ref.UID)
+		return nil, err
+	}
 	sw.lap("inUse")
 	if err := d.ckpt.write(c); err != nil {
 		d.forget(ref.UID)

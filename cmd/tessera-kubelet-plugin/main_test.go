@@ -27,3 +27,21 @@ func TestFlagsAndRequiredNodeName(t *testing.T) {
 		t.Errorf("run without a node name: %v", err)
 	}
 }
+
+func TestMIGManagerFlags(t *testing.T) {
+	var o options
+	fs := pflag.NewFlagSet("t", pflag.ContinueOnError)
+	o.addFlags(fs)
+	if err := fs.Parse(nil); err != nil {
+		t.Fatal(err)
+	}
+	if !o.migManager || o.migManagerDir != "" {
+		t.Errorf("defaults: --mig-manager=%v --mig-manager-dir=%q, want true and \"\" (the node's default directory)", o.migManager, o.migManagerDir)
+	}
+	if err := fs.Parse([]string{"--mig-manager=false", "--mig-manager-dir=/x"}); err != nil {
+		t.Fatal(err)
+	}
+	if o.migManager || o.migManagerDir != "/x" {
+		t.Errorf("parsed: --mig-manager=%v --mig-manager-dir=%q", o.migManager, o.migManagerDir)
+	}
+}

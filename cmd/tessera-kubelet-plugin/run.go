@@ -23,6 +23,7 @@ import (
 	"github.com/tessera-gpu/tessera/dra"
 	"github.com/tessera-gpu/tessera/health"
 	"github.com/tessera-gpu/tessera/partitioning/backend"
+	"github.com/tessera-gpu/tessera/partitioning/miggate"
 	"github.com/tessera-gpu/tessera/partitioning/mps"
 	"github.com/tessera-gpu/tessera/profile"
 )
@@ -52,6 +53,8 @@ type options struct {
 	resync              time.Duration
 	healthProbe         time.Duration
 	mpsRoot             string
+	migManager          bool
+	migManagerDir       string
 }
 
 func (o *options) addFlags(fs *pflag.FlagSet) {
@@ -75,6 +78,8 @@ func (o *options) addFlags(fs *pflag.FlagSet) {
 	fs.StringVar(&o.podUID, "pod-uid", os.Getenv("POD_UID"), "this plugin pod's UID (env POD_UID, from the downward API): enables rolling updates, two instances serving side by side")
 	fs.StringVar(&o.mpsRoot, "mps-root", mps.DefaultRoot, "directory of the MPS daemons' pipes, logs and state (shared GPUs with isolation mps); the same as the device plugin's")
 	fs.DurationVar(&o.resync, "resync-interval", 30*time.Second, "how often the node's GPUs are read again (MIG devices made or removed outside the driver)")
+	fs.BoolVar(&o.migManager, "mig-manager", true, "follow the MIG manager's handshake (tessera mig manager): devices a MIG layout change touches are withdrawn while it runs, and after a reboot the managed GPUs' devices until the manager has applied its layout again; without a manager on the node nothing is withdrawn")
+	fs.StringVar(&o.migManagerDir, "mig-manager-dir", "", "the MIG manager's handshake directory (default "+miggate.DefaultDir+"; simulated nodes: <sim state dir>/mig-manager); the same as the manager's and the device plugin's")
 	fs.DurationVar(&o.healthProbe, "health-probe-interval", 10*time.Second, "how often unhealthy GPUs are probed for recovery")
 }
 
@@ -134,7 +139,7 @@ func run(ctx context.Context, o options, started func(*dra.Driver)) error {
 		return err
 	}
 
-	bootID := dra.ReadBootID
+	bootIDFn := backend.BootIDFunc(nil)
 	smi := filepath.Join(o.driverRoot, "usr/bin/nvidia-smi")
 	mpsOpts := []mps.Option{mps.WithRoot(o.mpsRoot), mps.WithDriverRoot(o.driverRoot)}
 	if node != nil {
@@ -143,7 +148,7 @@ func run(ctx context.Context, o options, started func(*dra.Driver)) error {
 		r := cdi.Roots{Driver: o.driverRoot, Dev: o.devRoot, Proc: o.procRoot, Hook: o.hookPath}.OnSimulatedHost(h)
 		o.driverRoot, o.devRoot, o.procRoot, o.hookPath = r.Driver, r.Dev, r.Proc, r.Hook
 		smi = h.ToolPath("nvidia-smi")
-		bootID = node.BootID
+		bootIDFn = backend.BootIDFunc(node)
 		if o.sysfsRoot == "" {
 			o.sysfsRoot = h.SysRoot()
 		}
@@ -195,17 +200,35 @@ func run(ctx context.Context, o options, started func(*dra.Driver)) error {
 			return err
 		}
 	}
+	// One boot ID for the driver and the MIG manager's handshake. The follower reads the plan now,
+	// before the first publish, so that a plan of an earlier boot holds the managed GPUs' devices
+	// from the very first slices.
+	bootID, err := bootIDFn()
+	if err != nil {
+		return err
+	}
+	var gate *miggate.Follower
+	if o.migManager {
+		dir := backend.MIGGateDir(o.migManagerDir, node, miggate.DefaultDir)
+		gate = miggate.NewFollower(dir, miggate.FrontEndDRA, bootID)
+		logger.Info("Following the MIG manager's handshake", "dir", dir, "holds", miggate.FormatHolds(gate.Holds()))
+	}
 	policy, err := dra.HealthPolicy(res.Health)
 	if err != nil {
 		return fmt.Errorf("sharing profile health settings: %w", err)
 	}
 	monitor := health.NewMonitor(lib, policy, health.WithProbeInterval(o.healthProbe))
 
-	d, err := dra.New(ctx, lib,
+	dopts := []dra.Option{
 		dra.WithNodeName(o.nodeName), dra.WithKubeClient(client), dra.WithStatusClient(statusClient), dra.WithStateDir(o.stateDir), dra.WithCDI(gen),
-		dra.WithBootID(bootID), dra.WithTimeSlicer(dra.NvidiaSMI{Path: smi}), dra.WithEvents(events),
+		dra.WithBootID(func() (string, error) { return bootID, nil }), dra.WithTimeSlicer(dra.NvidiaSMI{Path: smi}), dra.WithEvents(events),
 		dra.WithHealth(monitor), dra.WithVersion(version), dra.WithSysfsRoot(o.sysfsRoot), dra.WithResyncInterval(o.resync),
-		dra.WithMPS(mps.NewManager(lib, mpsOpts...)))
+		dra.WithMPS(mps.NewManager(lib, mpsOpts...)),
+	}
+	if gate != nil {
+		dopts = append(dopts, dra.WithMIGGate(gate))
+	}
+	d, err := dra.New(ctx, lib, dopts...)
 	if err != nil {
 		return err
 	}
