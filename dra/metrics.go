@@ -2,6 +2,7 @@ package dra
 
 import (
 	"fmt"
+	"io"
 	"net/http"
 	"sort"
 	"sync"
@@ -78,9 +79,14 @@ func (m *Metrics) Prepared() (ok, failed uint64) {
 
 // ServeHTTP writes the metrics in the Prometheus text exposition format.
 func (m *Metrics) ServeHTTP(w http.ResponseWriter, _ *http.Request) {
+	w.Header().Set("Content-Type", "text/plain; version=0.0.4")
+	m.WriteText(w)
+}
+
+// WriteText writes the metrics in the Prometheus text exposition format.
+func (m *Metrics) WriteText(w io.Writer) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	w.Header().Set("Content-Type", "text/plain; version=0.0.4")
 	counter := func(name, help string, v map[string]uint64) {
 		fmt.Fprintf(w, "# HELP %s %s\n# TYPE %s counter\n", name, help, name)
 		for _, r := range []string{"error", "ok"} {

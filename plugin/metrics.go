@@ -21,6 +21,9 @@ func (p *Plugin) MetricsHandler() http.Handler {
 	})
 }
 
+// MetricsText is the plugin's own metrics in Prometheus' text format (MetricsHandler serves them).
+func (p *Plugin) MetricsText(ctx context.Context) []byte { return p.metrics(ctx) }
+
 func (p *Plugin) metrics(ctx context.Context) []byte {
 	var b bytes.Buffer
 	servers := *p.live.Load()

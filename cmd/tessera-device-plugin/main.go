@@ -17,6 +17,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
 	"github.com/spf13/pflag"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/tools/clientcmd"
@@ -32,6 +33,7 @@ import (
 	"github.com/tessera-gpu/tessera/partitioning/nvmlib"
 	"github.com/tessera-gpu/tessera/plugin"
 	"github.com/tessera-gpu/tessera/profile"
+	"github.com/tessera-gpu/tessera/telemetry"
 )
 
 const component = "tessera-device-plugin"
@@ -61,6 +63,7 @@ type options struct {
 	profileInterval     time.Duration
 	migManager          bool
 	migManagerDir       string
+	telemetry           telemetry.Flags
 }
 
 func (o *options) addFlags(fs *pflag.FlagSet) {
@@ -88,6 +91,7 @@ func (o *options) addFlags(fs *pflag.FlagSet) {
 	fs.DurationVar(&o.quietPeriod, "health-quiet-period", health.DefaultQuietPeriod, "how long a transient fault must stay quiet before its GPU is healthy again")
 	fs.DurationVar(&o.profileInterval, "config-poll-interval", time.Second, "how often the config file is checked for edits")
 	fs.BoolVar(&o.migManager, "mig-manager", true, "follow the node MIG manager (tessera mig manager): withdraw the devices a layout change touches until it is done, and after a reboot wait for it before advertising the GPUs it manages")
+	o.telemetry.AddFlags(fs)
 	fs.StringVar(&o.migManagerDir, "mig-manager-dir", "", "the MIG manager's handshake directory (default "+miggate.DefaultDir+", or <sim state dir>/mig-manager on a simulated node)")
 }
 
@@ -122,6 +126,9 @@ func run(ctx context.Context, o options, started func(*plugin.Plugin)) error {
 	migPolicy, err := plugin.ParsePolicy(o.migPolicy)
 	if err != nil {
 		return fmt.Errorf("--mig-policy: %w", err)
+	}
+	if err := o.telemetry.Validate(); err != nil {
+		return err
 	}
 	if o.mpsDaemons != "start" && o.mpsDaemons != "attach" {
 		return fmt.Errorf("--mps-daemons %q: use start or attach", o.mpsDaemons)
@@ -179,11 +186,12 @@ func run(ctx context.Context, o options, started func(*plugin.Plugin)) error {
 
 	var labels profile.LabelSource
 	var events profile.EventRecorder
+	var client kubernetes.Interface
 	if o.kubeconfig != "" {
 		if o.nodeName == "" {
 			return errors.New("--kubeconfig needs --node-name (or NODE_NAME)")
 		}
-		client, err := kubeClient(o.kubeconfig)
+		client, err = kubeClient(o.kubeconfig)
 		if err != nil {
 			return err
 		}
@@ -226,7 +234,16 @@ func run(ctx context.Context, o options, started func(*plugin.Plugin)) error {
 		}()
 	}
 	if o.metricsAddress != "" {
-		if err := serveMetrics(ctx, o.metricsAddress, p); err != nil {
+		// GPU telemetry is exported only where it is scraped.
+		reg := prometheus.NewRegistry()
+		sampler, err := o.telemetry.Start(ctx, lib, "device-plugin", p.TelemetrySource(), client, o.nodeName)
+		if err != nil {
+			return fmt.Errorf("telemetry: %w", err)
+		}
+		if sampler != nil {
+			reg.MustRegister(sampler)
+		}
+		if err := serveMetrics(ctx, o.metricsAddress, telemetry.Handler(p.MetricsText, reg)); err != nil {
 			return err
 		}
 	}
@@ -322,13 +339,13 @@ func loadProfile(ctx context.Context, o options, lib nvmlib.Interface, labels pr
 	return w, cur.Resolution, nil
 }
 
-func serveMetrics(ctx context.Context, addr string, p *plugin.Plugin) error {
+func serveMetrics(ctx context.Context, addr string, metrics http.Handler) error {
 	ln, err := net.Listen("tcp", addr)
 	if err != nil {
 		return fmt.Errorf("--metrics-address: %w", err)
 	}
 	mux := http.NewServeMux()
-	mux.Handle("/metrics", p.MetricsHandler())
+	mux.Handle("/metrics", metrics)
 	mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) { _, _ = w.Write([]byte("ok\n")) })
 	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
 	go func() { _ = srv.Serve(ln) }()

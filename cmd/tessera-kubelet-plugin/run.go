@@ -1,6 +1,7 @@
 package main
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -10,6 +11,7 @@ import (
 	"path/filepath"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
 	"github.com/spf13/pflag"
 	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/client-go/kubernetes"
@@ -26,6 +28,7 @@ import (
 	"github.com/tessera-gpu/tessera/partitioning/miggate"
 	"github.com/tessera-gpu/tessera/partitioning/mps"
 	"github.com/tessera-gpu/tessera/profile"
+	"github.com/tessera-gpu/tessera/telemetry"
 )
 
 // version is stamped at build time (-ldflags "-X main.version=…").
@@ -41,6 +44,7 @@ type options struct {
 	stateDir            string
 	configFile          string
 	metricsAddress      string
+	telemetry           telemetry.Flags
 	driverRoot          string
 	containerDriverRoot string
 	devRoot             string
@@ -78,6 +82,7 @@ func (o *options) addFlags(fs *pflag.FlagSet) {
 	fs.StringVar(&o.podUID, "pod-uid", os.Getenv("POD_UID"), "this plugin pod's UID (env POD_UID, from the downward API): enables rolling updates, two instances serving side by side")
 	fs.StringVar(&o.mpsRoot, "mps-root", mps.DefaultRoot, "directory of the MPS daemons' pipes, logs and state (shared GPUs with isolation mps); the same as the device plugin's")
 	fs.DurationVar(&o.resync, "resync-interval", 30*time.Second, "how often the node's GPUs are read again (MIG devices made or removed outside the driver)")
+	o.telemetry.AddFlags(fs)
 	fs.BoolVar(&o.migManager, "mig-manager", true, "follow the MIG manager's handshake (tessera mig manager): devices a MIG layout change touches are withdrawn while it runs, and after a reboot the managed GPUs' devices until the manager has applied its layout again; without a manager on the node nothing is withdrawn")
 	fs.StringVar(&o.migManagerDir, "mig-manager-dir", "", "the MIG manager's handshake directory (default "+miggate.DefaultDir+"; simulated nodes: <sim state dir>/mig-manager); the same as the manager's and the device plugin's")
 	fs.DurationVar(&o.healthProbe, "health-probe-interval", 10*time.Second, "how often unhealthy GPUs are probed for recovery")
@@ -119,6 +124,9 @@ func run(ctx context.Context, o options, started func(*dra.Driver)) error {
 	logger := klog.FromContext(ctx)
 	if o.nodeName == "" {
 		return errors.New("--node-name (or NODE_NAME) is required")
+	}
+	if err := o.telemetry.Validate(); err != nil {
+		return err
 	}
 	lib, node, err := o.backend.Open()
 	if err != nil {
@@ -269,8 +277,23 @@ func run(ctx context.Context, o options, started func(*dra.Driver)) error {
 		if err != nil {
 			return fmt.Errorf("--metrics-address: %w", err)
 		}
+		// GPU telemetry is exported only where it is scraped.
+		reg := prometheus.NewRegistry()
+		sampler, err := o.telemetry.Start(ctx, lib, "dra", d.TelemetrySource(), client, o.nodeName)
+		if err != nil {
+			_ = ln.Close()
+			return fmt.Errorf("telemetry: %w", err)
+		}
+		if sampler != nil {
+			reg.MustRegister(sampler)
+		}
+		own := func(context.Context) []byte {
+			var b bytes.Buffer
+			d.Metrics().WriteText(&b)
+			return b.Bytes()
+		}
 		mux := http.NewServeMux()
-		mux.Handle("/metrics", d.Metrics())
+		mux.Handle("/metrics", telemetry.Handler(own, reg))
 		mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) { _, _ = w.Write([]byte("ok\n")) })
 		srv = &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
 		go func() { _ = srv.Serve(ln) }()
