@@ -19,6 +19,7 @@ package health
 import (
 	"context"
 	"fmt"
+	"maps"
 	"sort"
 	"strconv"
 	"strings"
@@ -167,10 +168,11 @@ type Monitor struct {
 	clock  clock.WithTicker
 	probe  time.Duration
 
-	mu     sync.RWMutex
-	status map[Device]*Status // only unhealthy devices are kept
-	subs   map[int]chan Status
-	nextID int
+	mu      sync.RWMutex
+	status  map[Device]*Status // only unhealthy devices are kept
+	lastXID map[int]uint64     // by GPU index: the last XID seen, critical or not
+	subs    map[int]chan Status
+	nextID  int
 }
 
 // Option configures a Monitor.
@@ -185,7 +187,7 @@ func WithProbeInterval(d time.Duration) Option { return func(m *Monitor) { m.pro
 // NewMonitor returns a monitor; Run starts it.
 func NewMonitor(lib nvmlib.Interface, policy Policy, opts ...Option) *Monitor {
 	m := &Monitor{lib: lib, policy: policy, clock: clock.RealClock{}, probe: 10 * time.Second,
-		status: map[Device]*Status{}, subs: map[int]chan Status{}}
+		status: map[Device]*Status{}, subs: map[int]chan Status{}, lastXID: map[int]uint64{}}
 	for _, o := range opts {
 		o(m)
 	}
@@ -257,6 +259,14 @@ func (m *Monitor) Unhealthy() []Status {
 	return out
 }
 
+// LastXIDs returns the last XID seen on each GPU that had one, whether it made the GPU unhealthy
+// or not.
+func (m *Monitor) LastXIDs() map[int]uint64 {
+	m.mu.RLock()
+	defer m.mu.RUnlock()
+	return maps.Clone(m.lastXID)
+}
+
 // SetPolicy replaces the policy for events from now on (a changed sharing profile); devices already
 // unhealthy keep their state until they recover.
 func (m *Monitor) SetPolicy(p Policy) {
@@ -279,6 +289,11 @@ func (m *Monitor) Handle(e nvmlib.Event) {
 	policy := m.policy
 	m.mu.RUnlock()
 	act := policy.Classify(e)
+	if e.XID != 0 && e.GPUIndex >= 0 {
+		m.mu.Lock()
+		m.lastXID[e.GPUIndex] = e.XID
+		m.mu.Unlock()
+	}
 	if act == Ignore || e.GPUIndex < 0 {
 		klog.V(2).InfoS("GPU event ignored", "gpu", e.GPUIndex, "type", e.Type, "xid", e.XID)
 		return

@@ -195,3 +195,24 @@ func TestCriticalXIDsAndSetPolicy(t *testing.T) {
 		t.Error("XID 94 ignored after SetPolicy(critical [94])")
 	}
 }
+
+// The last XID of each GPU is kept, whether the policy ignores it (13, an application's fault) or
+// not, and stays after the GPU recovers.
+func TestLastXIDs(t *testing.T) {
+	m, _, clk, _ := setup(t)
+	if got := m.LastXIDs(); len(got) != 0 {
+		t.Fatalf("last XIDs before any event: %v", got)
+	}
+	m.Handle(xid(1, 13))
+	m.Handle(xid(2, 94))
+	m.Handle(xid(2, 31))
+	clk.Step(health.DefaultQuietPeriod + time.Second)
+	m.ProbeOnce()
+	got := m.LastXIDs()
+	if len(got) != 2 || got[1] != 13 || got[2] != 31 {
+		t.Errorf("last XIDs %v, want GPU 1: 13, GPU 2: 31", got)
+	}
+	if !m.GPUHealthy(1) {
+		t.Error("an ignored XID made GPU 1 unhealthy")
+	}
+}

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net/http"
 	"strconv"
+	"sync/atomic"
 	"time"
 )
 
@@ -72,7 +73,42 @@ func (p *Plugin) metrics(ctx context.Context) []byte {
 	counter("tessera_device_plugin_allocate_errors_total", "Allocate calls refused.", func(s *resourceStats) int64 { return s.allocateErrors.Load() })
 	counter("tessera_device_plugin_preferred_allocations_total", "GetPreferredAllocation calls answered.", func(s *resourceStats) int64 { return s.preferred.Load() })
 	counter("tessera_device_plugin_registrations_total", "Registrations with the kubelet.", func(s *resourceStats) int64 { return s.registrations.Load() })
+	header("tessera_device_plugin_allocate_seconds", "histogram", "Time to answer one Allocate call, by resource (no NVML or API call is made in it).")
+	for _, s := range servers {
+		s.stats.allocateLatency.write(&b, "tessera_device_plugin_allocate_seconds", fmt.Sprintf("resource=%q", s.name))
+	}
 	header("tessera_device_plugin_pending_gpus", "gauge", "GPUs whose profile change waits for devices in use.")
 	fmt.Fprintf(&b, "tessera_device_plugin_pending_gpus %d\n", p.pendingN.Load())
 	return b.Bytes()
+}
+
+// latencyBounds are the upper bounds (seconds) of the Allocate latency histogram.
+var latencyBounds = []float64{0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1}
+
+// latencyHist is a histogram updated with atomics only, so the RPC path takes no lock.
+type latencyHist struct {
+	buckets  [11]atomic.Uint64 // one per bound, then +Inf
+	sumNanos atomic.Int64
+}
+
+func (h *latencyHist) since(start time.Time) {
+	d := time.Since(start)
+	s := d.Seconds()
+	i := 0
+	for i < len(latencyBounds) && s > latencyBounds[i] {
+		i++
+	}
+	h.buckets[i].Add(1)
+	h.sumNanos.Add(int64(d))
+}
+
+func (h *latencyHist) write(b *bytes.Buffer, name, labels string) {
+	var cum uint64
+	for i, ub := range latencyBounds {
+		cum += h.buckets[i].Load()
+		fmt.Fprintf(b, "%s_bucket{%s,le=\"%g\"} %d\n", name, labels, ub, cum)
+	}
+	cum += h.buckets[len(latencyBounds)].Load()
+	fmt.Fprintf(b, "%s_bucket{%s,le=\"+Inf\"} %d\n", name, labels, cum)
+	fmt.Fprintf(b, "%s_sum{%s} %g\n%s_count{%s} %d\n", name, labels, float64(h.sumNanos.Load())/1e9, name, labels, cum)
 }

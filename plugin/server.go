@@ -197,6 +197,7 @@ func (r *resourceServer) ListAndWatch(_ *pluginapi.Empty, s grpc.ServerStreaming
 // Allocate answers with what each container needs for its devices. It reads the current table and
 // the devices' precomputed answers: no NVML call, no API call, no lock.
 func (r *resourceServer) Allocate(_ context.Context, req *pluginapi.AllocateRequest) (*pluginapi.AllocateResponse, error) {
+	defer r.stats.allocateLatency.since(time.Now())
 	t := r.table.Load()
 	resp := &pluginapi.AllocateResponse{ContainerResponses: make([]*pluginapi.ContainerAllocateResponse, 0, len(req.ContainerRequests))}
 	for _, cr := range req.ContainerRequests {
@@ -268,4 +269,5 @@ func statID(path string) (fileID, error) {
 // resourceStats count what a resource served, for metrics.
 type resourceStats struct {
 	allocations, allocateErrors, preferred, registrations atomic.Int64
+	allocateLatency                                       latencyHist
 }

@@ -126,6 +126,8 @@ type Options struct {
 	// power differs by model, so there is no default).
 	IdlePowerWatts float64
 	Clock          Clock
+	// LastXIDs gives the last XID seen per GPU (health.Monitor.LastXIDs); nil: not exported.
+	LastXIDs func() map[int]uint64
 }
 
 // gpuSample is one GPU's readings.
@@ -454,6 +456,7 @@ var (
 	descGPUPower = prometheus.NewDesc("tessera_gpu_power_watts", "GPU power draw (NVML).", gpuLabels, nil)
 	descGPUTemp  = prometheus.NewDesc("tessera_gpu_temperature_celsius", "GPU temperature (NVML).", gpuLabels, nil)
 	descGPUClock = prometheus.NewDesc("tessera_gpu_sm_clock_hertz", "GPU SM clock (NVML).", gpuLabels, nil)
+	descGPUXID   = prometheus.NewDesc("tessera_gpu_last_xid", "The last XID error the GPU reported (0: none since the daemon started), critical or not.", gpuLabels, nil)
 	descGPUUp    = prometheus.NewDesc("tessera_gpu_readable", "1 when the GPU's readings could be read in the last sample, else 0.", gpuLabels, nil)
 	descDevAlloc = prometheus.NewDesc("tessera_device_allocated", "1 when the device (GPU, MIG device, replica, MPS client or share) is allocated to a pod or claim, 0 when free.", devLabels, nil)
 	descDevOK    = prometheus.NewDesc("tessera_device_healthy", "1 when the device is healthy, 0 when not.", devLabels, nil)
@@ -467,7 +470,7 @@ var (
 
 // Describe implements prometheus.Collector.
 func (s *Sampler) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{descGPUUtil, descGPUMem, descGPUTotal, descGPUPower, descGPUTemp, descGPUClock, descGPUUp,
+	for _, d := range []*prometheus.Desc{descGPUUtil, descGPUMem, descGPUTotal, descGPUPower, descGPUTemp, descGPUClock, descGPUUp, descGPUXID,
 		descDevAlloc, descDevOK, descDevMem, descDevIdle, descDevIdleW, descPodMem, descPodProcs, descPodUtil} {
 		ch <- d
 	}
@@ -483,10 +486,17 @@ func (s *Sampler) Collect(ch chan<- prometheus.Metric) {
 	idleFor := maps.Clone(s.idleFor)
 	s.mu.Unlock()
 	const mib = 1 << 20
+	var xids map[int]uint64
+	if s.o.LastXIDs != nil {
+		xids = s.o.LastXIDs()
+	}
 	byGPU := map[int]gpuSample{}
 	for _, g := range gpus {
 		byGPU[g.index] = g
 		lv := []string{s.o.Component, strconv.Itoa(g.index), g.uuid, g.model}
+		if s.o.LastXIDs != nil {
+			ch <- prometheus.MustNewConstMetric(descGPUXID, prometheus.GaugeValue, float64(xids[g.index]), lv...)
+		}
 		if g.err != nil {
 			ch <- prometheus.MustNewConstMetric(descGPUUp, prometheus.GaugeValue, 0, lv...)
 			continue

@@ -160,7 +160,8 @@ func newEnv(t *testing.T, window time.Duration) *env {
 		{GPU: 1, Device: "free-one", Resource: "nvidia.com/mig-3g.40gb", Kind: telemetry.KindMIG, GI: 99, Healthy: false},
 	}}
 	e.s, err = telemetry.New(telemetry.Options{Lib: lib, Component: "device-plugin", Source: e.src, Pods: e.pods, Events: e.events,
-		ProcRoot: proc, IdleWindow: window, IdleUtilizationPercent: 5, Clock: e.clock})
+		ProcRoot: proc, IdleWindow: window, IdleUtilizationPercent: 5, Clock: e.clock,
+		LastXIDs: func() map[int]uint64 { return map[int]uint64{1: 48} }})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -246,6 +247,12 @@ func TestReadingsAndAttribution(t *testing.T) {
 	}
 	if v := find(t, got, "tessera_gpu_power_watts", "gpu=0"); v != 412 {
 		t.Errorf("GPU 0 power %v W, want 412", v)
+	}
+	if v := find(t, got, "tessera_gpu_last_xid", "gpu=1"); v != 48 {
+		t.Errorf("GPU 1's last XID %v, want 48", v)
+	}
+	if v := find(t, got, "tessera_gpu_last_xid", "gpu=0"); v != 0 {
+		t.Errorf("GPU 0's last XID %v, want 0", v)
 	}
 	if v := find(t, got, "tessera_gpu_readable", "gpu=1"); v != 1 {
 		t.Errorf("GPU 1 unreadable")

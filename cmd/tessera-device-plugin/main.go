@@ -236,7 +236,7 @@ func run(ctx context.Context, o options, started func(*plugin.Plugin)) error {
 	if o.metricsAddress != "" {
 		// GPU telemetry is exported only where it is scraped.
 		reg := prometheus.NewRegistry()
-		sampler, err := o.telemetry.Start(ctx, lib, "device-plugin", p.TelemetrySource(), client, o.nodeName)
+		sampler, err := o.telemetry.Start(ctx, lib, "device-plugin", p.TelemetrySource(), client, o.nodeName, monitor.LastXIDs)
 		if err != nil {
 			return fmt.Errorf("telemetry: %w", err)
 		}

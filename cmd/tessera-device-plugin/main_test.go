@@ -146,20 +146,44 @@ func TestMetrics(t *testing.T) {
 		"--cdi-dir="+filepath.Join(root, "cdi"), "--metrics-address="+port, "--pod-resources-socket=none")
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
-	if _, err := k.WaitForResource(ctx, "nvidia.com/gpu", func(s kubelettest.Snapshot) bool { return len(s.Healthy()) == 8 }); err != nil {
-		t.Fatal(err)
-	}
-	resp, err := http.Get("http://" + port + "/metrics")
+	snap, err := k.WaitForResource(ctx, "nvidia.com/gpu", func(s kubelettest.Snapshot) bool { return len(s.Healthy()) == 8 })
 	if err != nil {
 		t.Fatal(err)
 	}
-	body, _ := io.ReadAll(resp.Body)
-	resp.Body.Close()
-	for _, want := range []string{
+	if _, err := k.Allocate(ctx, "nvidia.com/gpu", snap.IDs()[0]); err != nil {
+		t.Fatal(err)
+	}
+	wants := []string{
 		`tessera_device_plugin_devices{resource="nvidia.com/gpu",health="healthy"} 8`,
 		`tessera_device_plugin_registrations_total{resource="nvidia.com/gpu"} 1`,
 		`tessera_device_plugin_pending_gpus 0`,
-	} {
+		`tessera_device_plugin_allocate_seconds_count{resource="nvidia.com/gpu"} 1`,
+		`tessera_device_plugin_allocate_seconds_bucket{resource="nvidia.com/gpu",le="+Inf"} 1`,
+		// GPU telemetry, sampled at start, for the GPUs the plugin serves.
+		`tessera_gpu_readable{component="device-plugin",gpu="7",model="NVIDIA H100 80GB HBM3",uuid="GPU-`,
+		`tessera_device_allocated{claim="",component="device-plugin",device="` + snap.IDs()[0] + `",gpu=`,
+		`tessera_telemetry_samples_total{component="device-plugin"}`,
+	}
+	var body []byte
+	for deadline := time.Now().Add(10 * time.Second); ; {
+		resp, err := http.Get("http://" + port + "/metrics")
+		if err != nil {
+			t.Fatal(err)
+		}
+		body, _ = io.ReadAll(resp.Body)
+		resp.Body.Close()
+		missing := 0
+		for _, want := range wants {
+			if !strings.Contains(string(body), want) {
+				missing++
+			}
+		}
+		if missing == 0 || time.Now().After(deadline) {
+			break
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	for _, want := range wants {
 		if !strings.Contains(string(body), want) {
 			t.Errorf("metrics lack %s:\n%s", want, body)
 		}

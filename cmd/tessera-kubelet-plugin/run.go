@@ -279,7 +279,7 @@ func run(ctx context.Context, o options, started func(*dra.Driver)) error {
 		}
 		// GPU telemetry is exported only where it is scraped.
 		reg := prometheus.NewRegistry()
-		sampler, err := o.telemetry.Start(ctx, lib, "dra", d.TelemetrySource(), client, o.nodeName)
+		sampler, err := o.telemetry.Start(ctx, lib, "dra", d.TelemetrySource(), client, o.nodeName, monitor.LastXIDs)
 		if err != nil {
 			_ = ln.Close()
 			return fmt.Errorf("telemetry: %w", err)
