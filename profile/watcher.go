@@ -11,6 +11,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"k8s.io/klog/v2"
@@ -82,6 +83,9 @@ type Current struct {
 type Watcher struct {
 	opts Options
 
+	// accepted and refused count profile changes (the first load included) for metrics.
+	accepted, refused atomic.Uint64
+
 	mu       sync.Mutex
 	current  *Current
 	lastSeen string // digest of the last attempt, good or bad, so a bad change is reported once
@@ -114,6 +118,9 @@ func (w *Watcher) Current() *Current {
 	defer w.mu.Unlock()
 	return w.current
 }
+
+// Reloads returns how many profile changes were accepted (the first load included) and refused.
+func (w *Watcher) Reloads() (accepted, refused uint64) { return w.accepted.Load(), w.refused.Load() }
 
 // LastError returns why the last change was refused (nil once a change is accepted).
 func (w *Watcher) LastError() error {
@@ -175,9 +182,11 @@ func (w *Watcher) Reload(ctx context.Context) (*Current, bool, error) {
 	w.lastSeen = digest
 	if err != nil {
 		w.lastErr = err
+		w.refused.Add(1)
 		w.refuse(sel, err)
 		return w.current, false, err
 	}
+	w.accepted.Add(1)
 	w.lastErr = nil
 	w.current = cur
 	klog.InfoS("Sharing profile applied", "profile", sel.Name, "selectedBy", sel.By, "format", cur.Parsed.Format, "gpus", len(cur.Resolution.Assignments), "warnings", len(cur.Resolution.Warnings))

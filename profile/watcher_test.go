@@ -198,6 +198,11 @@ func TestReloadKeepsLastGood(t *testing.T) {
 	if err == nil || changed || cur.Selection.Name != "ts" || !strings.Contains(err.Error(), `"nope"`) {
 		t.Fatalf("missing profile: %+v %v %v", cur, changed, err)
 	}
+	// Accepted: first load, edit, NVIDIA label, our label; refused: the bad edit and the missing
+	// profile (a repeat of the same bad input is not counted again).
+	if ok, bad := w.Reloads(); ok != 4 || bad != 2 {
+		t.Errorf("reloads accepted %d refused %d, want 4 and 2", ok, bad)
+	}
 }
 
 func TestRunDeliversChanges(t *testing.T) {

@@ -37,3 +37,24 @@ func Handler(own func(ctx context.Context) []byte, g prometheus.Gatherer) http.H
 		}
 	})
 }
+
+var descReloads = prometheus.NewDesc("tessera_profile_reloads_total", "Sharing-profile changes accepted (the first load included) or refused (the last good profile kept serving).", []string{"component", "result"}, nil)
+
+// ProfileReloads exports a profile watcher's counts (profile.Watcher.Reloads) as
+// tessera_profile_reloads_total{result="success"|"failure"}.
+func ProfileReloads(component string, reloads func() (accepted, refused uint64)) prometheus.Collector {
+	return reloadCollector{component, reloads}
+}
+
+type reloadCollector struct {
+	component string
+	reloads   func() (uint64, uint64)
+}
+
+func (r reloadCollector) Describe(ch chan<- *prometheus.Desc) { ch <- descReloads }
+
+func (r reloadCollector) Collect(ch chan<- prometheus.Metric) {
+	ok, bad := r.reloads()
+	ch <- prometheus.MustNewConstMetric(descReloads, prometheus.CounterValue, float64(ok), r.component, "success")
+	ch <- prometheus.MustNewConstMetric(descReloads, prometheus.CounterValue, float64(bad), r.component, "failure")
+}

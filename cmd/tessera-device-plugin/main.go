@@ -243,6 +243,9 @@ func run(ctx context.Context, o options, started func(*plugin.Plugin)) error {
 		if sampler != nil {
 			reg.MustRegister(sampler)
 		}
+		if watcher != nil {
+			reg.MustRegister(telemetry.ProfileReloads("device-plugin", watcher.Reloads))
+		}
 		if err := serveMetrics(ctx, o.metricsAddress, telemetry.Handler(p.MetricsText, reg)); err != nil {
 			return err
 		}

@@ -163,6 +163,7 @@ func TestMetrics(t *testing.T) {
 		`tessera_gpu_readable{component="device-plugin",gpu="7",model="NVIDIA H100 80GB HBM3",uuid="GPU-`,
 		`tessera_device_allocated{claim="",component="device-plugin",device="` + snap.IDs()[0] + `",gpu=`,
 		`tessera_telemetry_samples_total{component="device-plugin"}`,
+		`tessera_gpu_last_xid{component="device-plugin",gpu="0"`,
 	}
 	var body []byte
 	for deadline := time.Now().Add(10 * time.Second); ; {

@@ -287,6 +287,9 @@ func run(ctx context.Context, o options, started func(*dra.Driver)) error {
 		if sampler != nil {
 			reg.MustRegister(sampler)
 		}
+		if watcher != nil {
+			reg.MustRegister(telemetry.ProfileReloads("dra", watcher.Reloads))
+		}
 		own := func(context.Context) []byte {
 			var b bytes.Buffer
 			d.Metrics().WriteText(&b)

@@ -3,9 +3,12 @@ package main
 import (
 	"errors"
 	"fmt"
+	"net"
+	"net/http"
 	"os"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
 	"github.com/spf13/cobra"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/tools/clientcmd"
@@ -15,6 +18,7 @@ import (
 	"github.com/tessera-gpu/tessera/partitioning/miggate"
 	"github.com/tessera-gpu/tessera/partitioning/migmanager"
 	"github.com/tessera-gpu/tessera/profile"
+	"github.com/tessera-gpu/tessera/telemetry"
 )
 
 const migManagerComponent = "tessera-mig-manager"
@@ -29,6 +33,7 @@ type migManagerFlags struct {
 	retryInterval time.Duration
 	poll          time.Duration
 	resync        time.Duration
+	metrics       string
 }
 
 func migManagerCmd(opts *backend.Options) *cobra.Command {
@@ -61,6 +66,7 @@ mig-dynamic, and GPUs whose sharing profile names its own layout, are never touc
 	fl.DurationVar(&f.drainTimeout, "drain-timeout", 10*time.Minute, "how long a change waits for withdrawn devices still in use before it fails, leaving the current layout")
 	fl.DurationVar(&f.retryInterval, "retry-interval", time.Minute, "how long a failed change waits before it is tried again")
 	fl.DurationVar(&f.poll, "poll-interval", time.Second, "how often the layouts file and the front ends' answers are read")
+	fl.StringVar(&f.metrics, "metrics-address", "", "address to serve /metrics and /healthz on, e.g. 127.0.0.1:9402 (empty: none)")
 	fl.DurationVar(&f.resync, "resync-interval", time.Minute, "how often an applied layout is checked against the GPUs and applied again if it drifted (0: never)")
 	return cmd
 }
@@ -106,6 +112,21 @@ func runMigManager(cmd *cobra.Command, opts *backend.Options, f migManagerFlags)
 	m, err := migmanager.New(mo)
 	if err != nil {
 		return err
+	}
+	if f.metrics != "" {
+		reg := prometheus.NewRegistry()
+		reg.MustRegister(m.Collectors()...)
+		ln, err := net.Listen("tcp", f.metrics)
+		if err != nil {
+			return fmt.Errorf("--metrics-address: %w", err)
+		}
+		mux := http.NewServeMux()
+		mux.Handle("/metrics", telemetry.Handler(nil, reg))
+		mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) { _, _ = w.Write([]byte("ok\n")) })
+		srv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
+		go func() { _ = srv.Serve(ln) }()
+		defer srv.Close()
+		klog.InfoS("Serving metrics", "address", ln.Addr().String())
 	}
 	klog.InfoS("MIG manager running", "layouts", f.layouts, "handshake", mo.GateDir, "bootID", boot, "node", f.nodeName)
 	return m.Run(ctx)

@@ -29,6 +29,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
 	"k8s.io/klog/v2"
 
 	"github.com/tessera-gpu/tessera/api"
@@ -132,6 +133,10 @@ type Manager struct {
 	skipped     map[int]string
 	started     bool
 	lastFail    string
+	config      string // the layout of the change in progress or last made, for the state gauge
+	changes     *prometheus.CounterVec
+	state       *prometheus.GaugeVec
+	duration    prometheus.Histogram
 	// rebooted: the plan found at start was made in an earlier boot, so the front ends hold every
 	// managed GPU; until the first success, every managed GPU that changes stays held whole.
 	rebooted bool
@@ -164,7 +169,15 @@ func New(o Options) (*Manager, error) {
 	if o.StartupGrace <= 0 {
 		o.StartupGrace = o.AckStaleAfter
 	}
-	m := &Manager{o: o, gate: miggate.Dir{Path: o.GateDir}, skipped: map[int]string{}}
+	m := &Manager{o: o, gate: miggate.Dir{Path: o.GateDir}, skipped: map[int]string{},
+		changes: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "tessera_mig_reconfigurations_total",
+			Help: "MIG layout changes the manager finished, by result (success, failed, superseded by a newer selection)."}, []string{"result"}),
+		state: prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "tessera_mig_config_state",
+			Help: "1 for the selected layout and the manager's state (as the node label tessera.dev/mig.config.state)."}, []string{"config", "state"}),
+		duration: prometheus.NewHistogram(prometheus.HistogramOpts{Name: "tessera_mig_reconfiguration_seconds",
+			Help:    "Time from a change's start to its end, waiting for devices in use included.",
+			Buckets: []float64{0.1, 0.5, 1, 5, 15, 60, 300, 900, 3600}}),
+	}
 	prev, err := m.gate.ReadPlan()
 	if err != nil {
 		klog.ErrorS(err, "Previous MIG manager plan unreadable; starting a new one")
@@ -180,6 +193,11 @@ func New(o Options) (*Manager, error) {
 		m.gen = max(m.gen, a.Generation)
 	}
 	return m, nil
+}
+
+// Collectors are the manager's metrics, for a Prometheus registry.
+func (m *Manager) Collectors() []prometheus.Collector {
+	return []prometheus.Collector{m.changes, m.state, m.duration}
 }
 
 // Selection is the layout the node's labels select, and by which label.
@@ -293,8 +311,19 @@ func (m *Manager) Step(ctx context.Context) miggate.State {
 	}
 	m.lastKey, m.lastTry, m.lastResync = key, now, now
 	for {
+		start := time.Now()
 		st, superseded := m.change(ctx, name, by, data, readErr, key)
 		m.lastState = st
+		m.duration.Observe(time.Since(start).Seconds())
+		switch {
+		case superseded:
+			m.changes.WithLabelValues("superseded").Inc()
+		case st == miggate.StateSuccess:
+			m.changes.WithLabelValues("success").Inc()
+		default:
+			m.changes.WithLabelValues("failed").Inc()
+		}
+
 		if !superseded || ctx.Err() != nil {
 			if st == miggate.StateFailed {
 				m.lastTry = time.Now() // RetryInterval counts from the failure, not from the start of the try
@@ -369,6 +398,7 @@ func orEmpty(xs []int) []int {
 func (m *Manager) change(ctx context.Context, name, by string, data []byte, readErr error, key string) (st miggate.State, superseded bool) {
 	m.gen++
 	gen := m.gen
+	m.config = name
 	log := klog.LoggerWithValues(klog.FromContext(ctx), "config", name, "generation", gen)
 	log.Info("MIG layout change", "selectedBy", by)
 	m.setLabel(ctx, string(miggate.StatePending))
@@ -702,6 +732,10 @@ func (m *Manager) gpus() ([]nvmlib.GPU, error) {
 }
 
 func (m *Manager) setLabel(ctx context.Context, state string) {
+	m.state.Reset()
+	if state != "" {
+		m.state.WithLabelValues(m.config, state).Set(1)
+	}
 	m.labelWant, m.labelWanted = state, true
 	m.syncLabel(ctx)
 }

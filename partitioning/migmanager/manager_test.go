@@ -14,6 +14,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
+
 	"github.com/tessera-gpu/tessera/partitioning/miggate"
 	"github.com/tessera-gpu/tessera/partitioning/migmanager"
 	"github.com/tessera-gpu/tessera/partitioning/nvmlib"
@@ -613,6 +615,30 @@ func TestApplyFromLabel(t *testing.T) {
 	for _, mu := range e.watched.mutations() {
 		if mu.plan == nil || mu.plan.State != miggate.StateApplying || mu.plan.Generation != 1 || !miggate.HoldsFor(mu.plan, e.boot)[mu.gpu].All {
 			t.Fatalf("%s on GPU %d while the plan was %+v", mu.op, mu.gpu, mu.plan)
+		}
+	}
+	// The metrics say so too.
+	reg := prometheus.NewPedanticRegistry()
+	reg.MustRegister(m.Collectors()...)
+	var b strings.Builder
+	fams, err := reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, f := range fams {
+		for _, mt := range f.GetMetric() {
+			var ls []string
+			for _, l := range mt.GetLabel() {
+				ls = append(ls, l.GetName()+"="+l.GetValue())
+			}
+			v := mt.GetCounter().GetValue() + mt.GetGauge().GetValue() + float64(mt.GetHistogram().GetSampleCount())
+			fmt.Fprintf(&b, "%s{%s} %g\n", f.GetName(), strings.Join(ls, ","), v)
+		}
+	}
+	for _, want := range []string{"tessera_mig_reconfigurations_total{result=success} 1", "tessera_mig_config_state{config=all-1g.10gb,state=success} 1",
+		"tessera_mig_reconfiguration_seconds{} 1"} {
+		if !strings.Contains(b.String(), want) {
+			t.Errorf("metrics lack %q:\n%s", want, b.String())
 		}
 	}
 }

@@ -204,10 +204,11 @@ func TestMIGManager(t *testing.T) {
 			}
 		}
 	})
+	mmAddr := fmt.Sprintf("127.0.0.1:%d", freePort(t))
 	mm, err := c.StartHostProcess(ctx, harness.HostProcessSpec{
 		Name: "tessera-mig-manager", Path: bins["tessera"],
 		Args: append(slices.Clone(nodeSim), "mig", "manager", "--config-file="+filepath.Dir(layouts), "--kubeconfig="+c.PluginKubeconfig,
-			"--node-name="+c.NodeName, "--poll-interval=200ms", "--drain-timeout=3m", "--retry-interval=10m", "-v=2"),
+			"--node-name="+c.NodeName, "--poll-interval=200ms", "--drain-timeout=3m", "--retry-interval=10m", "-v=2", "--metrics-address="+mmAddr),
 	})
 	if err != nil {
 		t.Fatal(err)
@@ -347,6 +348,15 @@ func TestMIGManager(t *testing.T) {
 	setLabel("all-1g.10gb")
 	waitState("to all-1g.10gb", "pending", "applying", "success")
 	waitNode("all-1g.10gb", map[string]int64{"nvidia.com/mig-1g.10gb": 14, "nvidia.com/mig-3g.40gb": 0, "nvidia.com/gpu": 5}, 7)
+	if page, err := scrape(ctx, "http://"+mmAddr+"/metrics"); err != nil {
+		t.Error(err)
+	} else {
+		for _, want := range []string{`tessera_mig_reconfigurations_total{result="success"} 2`, `tessera_mig_config_state{config="all-1g.10gb",state="success"} 1`} {
+			if !strings.Contains(page, want) {
+				t.Errorf("MIG manager metrics lack %s:\n%s", want, page)
+			}
+		}
+	}
 
 	// 3. A change that would destroy a device a pod uses waits until the pod is gone.
 	pod := harness.BusyboxPod(ns, "mig-user", "sleep", "3600")

@@ -215,6 +215,8 @@ func TestTelemetryAttributesPods(t *testing.T) {
 	waitMetric(dpAddr, "tessera_pod_gpu_processes", 1, g, `pod="trainer"`)
 	waitMetric(dpAddr, "tessera_pod_gpu_utilization_percent", 42, g, `pod="trainer"`)
 	waitMetric(dpAddr, "tessera_gpu_utilization_percent", 42, g, `component="device-plugin"`)
+	waitMetric(dpAddr, "tessera_profile_reloads_total", 1, `component="device-plugin"`, `result="success"`)
+	waitMetric(draAddr, "tessera_profile_reloads_total", 0, `component="dra"`, `result="failure"`)
 	if p, err := scrape(ctx, "http://"+dpAddr+"/metrics"); err == nil {
 		if _, ok := metricValue(p, "tessera_gpu_utilization_percent", `gpu="4"`); ok {
 			t.Errorf("the device plugin exports GPU 4, which the DRA driver owns")
