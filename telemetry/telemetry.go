@@ -8,9 +8,11 @@
 // (and, when a threshold is set, power) stays near idle for a whole window is reported with a metric
 // and an Event on the pod, unless the pod opts out with the annotation tessera.dev/idle-check: "off".
 //
-// NVML gives no utilization per MIG device, nor per process on a shared GPU without accounting:
-// a MIG device counts as idle while no compute process runs on it, and per-pod utilization is
-// exported only for a pod that holds a whole GPU alone. Memory and processes are attributed exactly.
+// NVML gives no utilization per MIG device (nor per process in MIG mode): a MIG device counts as
+// idle while no compute process runs on it, and its holder's utilization is not exported. On a GPU
+// outside MIG mode, NVML's per-process SM samples split a shared GPU's utilization by pod, and a
+// holder of a replica or share is idle while its own processes are. Memory and processes are
+// attributed exactly, by cgroup.
 package telemetry
 
 import (
@@ -137,7 +139,10 @@ type gpuSample struct {
 	model string
 	t     nvmlib.Telemetry
 	procs []nvmlib.Process
-	err   error
+	// sm is each process's SM utilization, when NVML gives process samples (smOK).
+	sm   map[int]int
+	smOK bool
+	err  error
 }
 
 // podUse is one pod's use of one GPU.
@@ -148,6 +153,9 @@ type podUse struct {
 	uid       string
 	memMiB    uint64
 	processes int
+	// smPercent sums the pod's processes' SM utilization (smOK: NVML gave process samples).
+	smPercent int
+	smOK      bool
 }
 
 type idleKey struct {
@@ -246,6 +254,17 @@ func (s *Sampler) Sample(ctx context.Context) {
 			s.nvmlErrs.WithLabelValues("Processes").Inc()
 			g.procs = nil
 		}
+		if !info.MigEnabled && len(g.procs) > 0 {
+			// NVML keeps per-process samples only outside MIG mode.
+			if pu, err := s.o.Lib.ProcessUtilization(i); err == nil {
+				g.sm, g.smOK = map[int]int{}, true
+				for _, u := range pu {
+					g.sm[u.PID] = u.SMPercent
+				}
+			} else if !errors.Is(err, nvmlib.ErrNotSupported) {
+				s.nvmlErrs.WithLabelValues("ProcessUtilization").Inc()
+			}
+		}
 		gpus = append(gpus, g)
 	}
 	holdings, err := s.o.Source.Holdings(ctx)
@@ -271,7 +290,7 @@ func (s *Sampler) Sample(ctx context.Context) {
 	uses := s.attribute(gpus)
 	s.mu.Lock()
 	s.gpus, s.holdings, s.uses = gpus, holdings, uses
-	reports := s.trackIdleLocked(gpus, holdings)
+	reports := s.trackIdleLocked(gpus, holdings, uses)
 	s.mu.Unlock()
 	for _, r := range reports {
 		s.report(r)
@@ -295,7 +314,7 @@ func (s *Sampler) attribute(gpus []gpuSample) []podUse {
 			k := key{g.index, uid}
 			u := byPod[k]
 			if u == nil {
-				u = &podUse{gpu: g.index, uid: uid}
+				u = &podUse{gpu: g.index, uid: uid, smOK: g.smOK}
 				if s.o.Pods != nil {
 					if pi, ok := s.o.Pods.ByUID(uid); ok {
 						u.namespace, u.pod = pi.Namespace, pi.Name
@@ -305,6 +324,7 @@ func (s *Sampler) attribute(gpus []gpuSample) []podUse {
 			}
 			u.memMiB += p.UsedMemoryMiB
 			u.processes++
+			u.smPercent += g.sm[p.PID]
 		}
 	}
 	out := make([]podUse, 0, len(byPod))
@@ -336,9 +356,19 @@ type idleReport struct {
 }
 
 // busy reports whether a holding's device is in use in this sample.
-func (s *Sampler) busy(h Holding, g gpuSample) bool {
+func (s *Sampler) busy(h Holding, g gpuSample, uses []podUse) bool {
 	if g.err != nil {
 		return true // unknown is not idle
+	}
+	if !h.Exclusive && h.GI < 0 && g.smOK && h.Pod != "" {
+		// A shared GPU with process samples: the holder is busy while its own processes are.
+		sm := 0
+		for _, u := range uses {
+			if u.gpu == h.GPU && u.namespace == h.Namespace && u.pod == h.Pod {
+				sm += u.smPercent
+			}
+		}
+		return sm > s.o.IdleUtilizationPercent
 	}
 	if h.GI >= 0 {
 		// NVML reports no utilization per MIG device: a MIG device is busy while a process runs on it.
@@ -360,7 +390,7 @@ func (s *Sampler) busy(h Holding, g gpuSample) bool {
 
 // trackIdleLocked updates how long each holder has been idle and returns those that just crossed the
 // window.
-func (s *Sampler) trackIdleLocked(gpus []gpuSample, holdings []Holding) []idleReport {
+func (s *Sampler) trackIdleLocked(gpus []gpuSample, holdings []Holding, uses []podUse) []idleReport {
 	now := s.o.Clock.Now()
 	byGPU := map[int]gpuSample{}
 	for _, g := range gpus {
@@ -376,7 +406,7 @@ func (s *Sampler) trackIdleLocked(gpus []gpuSample, holdings []Holding) []idleRe
 		k := idleKey{h.Device, h.Namespace, h.Pod, h.Claim}
 		seen[k] = true
 		g, ok := byGPU[h.GPU]
-		if !ok || s.busy(h, g) || s.optedOut(h) {
+		if !ok || s.busy(h, g, uses) || s.optedOut(h) {
 			delete(s.idle, k)
 			s.idleFor[k] = 0
 			continue
@@ -465,7 +495,7 @@ var (
 	descDevIdleW = prometheus.NewDesc("tessera_device_idle", "1 when the device's holder has been idle for the whole idle window.", devLabels, nil)
 	descPodMem   = prometheus.NewDesc("tessera_pod_gpu_memory_used_bytes", "GPU memory a pod's processes use (NVML processes, attributed by cgroup).", podLabels, nil)
 	descPodProcs = prometheus.NewDesc("tessera_pod_gpu_processes", "Compute processes of a pod on the GPU.", podLabels, nil)
-	descPodUtil  = prometheus.NewDesc("tessera_pod_gpu_utilization_percent", "GPU utilization of a pod that holds the whole GPU alone (NVML gives none per process or MIG device).", podLabels, nil)
+	descPodUtil  = prometheus.NewDesc("tessera_pod_gpu_utilization_percent", "GPU utilization of a pod: the GPU's own for a pod holding it alone, else the sum of its processes' SM utilization samples (NVML gives none in MIG mode).", podLabels, nil)
 )
 
 // Describe implements prometheus.Collector.
@@ -548,6 +578,12 @@ func (s *Sampler) Collect(ch chan<- prometheus.Metric) {
 		lv := []string{s.o.Component, strconv.Itoa(u.gpu), g.uuid, u.namespace, u.pod, u.uid}
 		ch <- prometheus.MustNewConstMetric(descPodMem, prometheus.GaugeValue, float64(u.memMiB)*mib, lv...)
 		ch <- prometheus.MustNewConstMetric(descPodProcs, prometheus.GaugeValue, float64(u.processes), lv...)
+		if ex, ok := exclusive[u.gpu]; ok && ex.Namespace == u.namespace && ex.Pod == u.pod {
+			continue // the whole GPU's own figure follows
+		}
+		if u.smOK {
+			ch <- prometheus.MustNewConstMetric(descPodUtil, prometheus.GaugeValue, float64(min(u.smPercent, 100)), lv...)
+		}
 	}
 	// A pod that holds a whole GPU alone owns all of its utilization, processes or not.
 	for _, i := range slices.Sorted(maps.Keys(exclusive)) {

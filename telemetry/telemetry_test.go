@@ -414,3 +414,55 @@ func TestPodUIDOfCgroup(t *testing.T) {
 		}
 	}
 }
+
+// A time-sliced GPU shared by two pods: NVML's process samples split its utilization by pod, and
+// the pod whose processes do nothing is reported idle although the GPU as a whole is busy.
+func TestSharedGPUSplitByProcess(t *testing.T) {
+	e := newEnv(t, 10*time.Minute)
+	ctx := context.Background()
+	proc := t.TempDir()
+	writeCgroup(t, proc, 500, "12:memory:/kubepods/besteffort/pod"+uidA+"/c1\n")
+	writeCgroup(t, proc, 600, "0::/kubepods.slice/kubepods-pod"+strings.ReplaceAll(uidB, "-", "_")+".slice/c2.scope\n")
+	if err := e.node.AddProcess(2, 500, 4096, -1, -1); err != nil {
+		t.Fatal(err)
+	}
+	if err := e.node.AddProcess(2, 600, 1024, -1, -1); err != nil {
+		t.Fatal(err)
+	}
+	if err := e.node.SetProcessUtilization(2, 500, 37); err != nil {
+		t.Fatal(err)
+	}
+	e.set(t, 2, 40, 300)
+	src := &fakeSource{owned: []int{2}, holdings: []telemetry.Holding{
+		{GPU: 2, Device: "GPU-2::0", Resource: "nvidia.com/gpu.shared", Kind: telemetry.KindReplica, GI: -1, Healthy: true, Namespace: "ml", Pod: "trainer"},
+		{GPU: 2, Device: "GPU-2::1", Resource: "nvidia.com/gpu.shared", Kind: telemetry.KindReplica, GI: -1, Healthy: true, Namespace: "ml", Pod: "server"},
+	}}
+	s, err := telemetry.New(telemetry.Options{Lib: e.lib, Component: "device-plugin", Source: src, Pods: e.pods, Events: e.events,
+		ProcRoot: proc, IdleWindow: 10 * time.Minute, IdleUtilizationPercent: 5, Clock: e.clock})
+	if err != nil {
+		t.Fatal(err)
+	}
+	reg := prometheus.NewPedanticRegistry()
+	reg.MustRegister(s)
+	e.reg = reg
+	s.Sample(ctx)
+	got := e.scrape(t)
+	if v := find(t, got, "tessera_pod_gpu_utilization_percent", "gpu=2", "pod=trainer"); v != 37 {
+		t.Errorf("trainer's share of GPU 2: %v, want 37", v)
+	}
+	if v := find(t, got, "tessera_pod_gpu_utilization_percent", "gpu=2", "pod=server"); v != 0 {
+		t.Errorf("server's share of GPU 2: %v, want 0", v)
+	}
+	e.clock.Add(11 * time.Minute)
+	s.Sample(ctx)
+	if d := s.IdleFor("GPU-2::0", "ml", "trainer", ""); d != 0 {
+		t.Errorf("the busy replica holder idle for %s", d)
+	}
+	if d := s.IdleFor("GPU-2::1", "ml", "server", ""); d != 11*time.Minute {
+		t.Errorf("the idle replica holder idle for %s, want 11m", d)
+	}
+	evs := e.events.list()
+	if len(evs) != 1 || !strings.Contains(evs[0], "ml/server") {
+		t.Errorf("events: %v", evs)
+	}
+}

@@ -214,12 +214,13 @@ func simSetCmd(opts *backend.Options) *cobra.Command {
 }
 
 func simProcessCmd(opts *backend.Options) *cobra.Command {
-	var gpu, pid, gi, ci int
+	var gpu, pid, gi, ci, sm int
 	var mem uint64
 	cmd := &cobra.Command{
-		Use:   "process start|end",
+		Use:   "process start|set|end",
 		Short: "Start or end a simulated compute process on a GPU (processes make MIG changes wait)",
 		Example: `  tessera --nvml=sim:dgx-a100 sim process start --gpu 0 --pid 4242 --memory 2048
+  tessera --nvml=sim:dgx-a100 sim process set --gpu 0 --pid 4242 --sm-percent 35
   tessera --nvml=sim:dgx-a100 sim process end --gpu 0 --pid 4242`,
 		Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
@@ -229,16 +230,22 @@ func simProcessCmd(opts *backend.Options) *cobra.Command {
 			}
 			switch args[0] {
 			case "start":
-				return n.AddProcess(gpu, pid, mem, gi, ci)
+				if err := n.AddProcess(gpu, pid, mem, gi, ci); err != nil || sm == 0 {
+					return err
+				}
+				return n.SetProcessUtilization(gpu, pid, sm)
+			case "set":
+				return n.SetProcessUtilization(gpu, pid, sm)
 			case "end":
 				return n.EndProcesses(gpu, pid)
 			}
-			return fmt.Errorf("%q: use start or end", args[0])
+			return fmt.Errorf("%q: use start, set or end", args[0])
 		},
 	}
 	cmd.Flags().IntVar(&gpu, "gpu", 0, "GPU index")
 	cmd.Flags().IntVar(&pid, "pid", 0, "process ID (end: 0 ends every process on the GPU)")
 	cmd.Flags().Uint64Var(&mem, "memory", 0, "memory the process uses, MiB")
+	cmd.Flags().IntVar(&sm, "sm-percent", 0, "the process's SM utilization as NVML's process utilization reports it, 0-100")
 	cmd.Flags().IntVar(&gi, "gi", -1, "run on this MIG device's GPU instance")
 	cmd.Flags().IntVar(&ci, "ci", -1, "run on this MIG device's compute instance")
 	return cmd

@@ -670,6 +670,33 @@ func (a *adapter) Processes(index int) ([]Process, error) {
 	return out, nil
 }
 
+func (a *adapter) ProcessUtilization(index int) ([]ProcessUtilization, error) {
+	d, err := a.device(index)
+	if err != nil {
+		return nil, err
+	}
+	samples, ret := d.GetProcessUtilization(0)
+	if ret == nvml.ERROR_NOT_FOUND {
+		return nil, nil // no process, or no sample yet
+	}
+	if ret != nvml.SUCCESS {
+		return nil, newErr("GetProcessUtilization", index, ret)
+	}
+	// NVML may return several samples of a process; the newest counts.
+	latest := map[uint32]nvml.ProcessUtilizationSample{}
+	for _, s := range samples {
+		if cur, ok := latest[s.Pid]; !ok || s.TimeStamp >= cur.TimeStamp {
+			latest[s.Pid] = s
+		}
+	}
+	out := make([]ProcessUtilization, 0, len(latest))
+	for _, s := range latest {
+		out = append(out, ProcessUtilization{PID: int(s.Pid), SMPercent: int(s.SmUtil), MemPercent: int(s.MemUtil)})
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].PID < out[j].PID })
+	return out, nil
+}
+
 const watchedEvents = nvml.EventTypeXidCriticalError | nvml.EventTypeDoubleBitEccError | nvml.EventTypeSingleBitEccError
 
 // eventWait is how long one EventSet.Wait blocks, so a cancelled context is noticed promptly.

@@ -56,6 +56,9 @@ type Interface interface {
 	ECCErrors(index int) (ECCCounts, error)
 	// Processes lists the compute processes running on the GPU (on any of its MIG devices).
 	Processes(index int) ([]Process, error)
+	// ProcessUtilization returns each process's latest SM utilization sample (none, without an
+	// error, when NVML has no sample; ErrNotSupported in MIG mode, where NVML gives none).
+	ProcessUtilization(index int) ([]ProcessUtilization, error)
 
 	// WatchEvents delivers XID, ECC and GPU-lost events of every GPU to handle until ctx ends.
 	// It returns nil when ctx ends and an error if events cannot be watched at all.
@@ -203,6 +206,13 @@ type Process struct {
 	// GI and CI are set (≥0) for a process on a MIG device, -1 otherwise.
 	GI int `json:"gpuInstance"`
 	CI int `json:"computeInstance"`
+}
+
+// ProcessUtilization is one process's share of a GPU over NVML's last sample period.
+type ProcessUtilization struct {
+	PID        int `json:"pid"`
+	SMPercent  int `json:"smPercent"`
+	MemPercent int `json:"memPercent"`
 }
 
 // EventType classifies a GPU event.

@@ -5,6 +5,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"time"
 
 	"github.com/NVIDIA/go-nvml/pkg/nvml"
 	"k8s.io/klog/v2"
@@ -520,6 +521,27 @@ func (d *device) GetComputeRunningProcesses() ([]nvml.ProcessInfo, nvml.Return) 
 			pi.GpuInstanceId, pi.ComputeInstanceId = uint32(p.GI), uint32(p.CI)
 		}
 		out = append(out, pi)
+	}
+	return out, nvml.SUCCESS
+}
+
+// GetProcessUtilization returns one sample per process, stamped now. As on hardware, a GPU in MIG
+// mode gives none (ERROR_NOT_SUPPORTED), and no process means ERROR_NOT_FOUND.
+func (d *device) GetProcessUtilization(lastSeen uint64) ([]nvml.ProcessUtilizationSample, nvml.Return) {
+	st, ret := d.live()
+	if ret != nvml.SUCCESS {
+		return nil, ret
+	}
+	if st.MigEnabled {
+		return nil, nvml.ERROR_NOT_SUPPORTED
+	}
+	now := uint64(time.Now().UnixMicro())
+	if len(st.Processes) == 0 || now <= lastSeen {
+		return nil, nvml.ERROR_NOT_FOUND
+	}
+	out := make([]nvml.ProcessUtilizationSample, 0, len(st.Processes))
+	for _, p := range st.Processes {
+		out = append(out, nvml.ProcessUtilizationSample{Pid: uint32(p.PID), TimeStamp: now, SmUtil: uint32(p.SMPercent)})
 	}
 	return out, nvml.SUCCESS
 }

@@ -263,6 +263,25 @@ func (n *Node) AddProcess(gpu, pid int, memMiB uint64, gi, ci int) error {
 	})
 }
 
+// SetProcessUtilization sets the SM utilization (0–100 %) NVML reports for one process on a GPU.
+func (n *Node) SetProcessUtilization(gpu, pid, smPercent int) error {
+	if err := n.checkGPU(gpu); err != nil {
+		return err
+	}
+	if smPercent < 0 || smPercent > 100 {
+		return fmt.Errorf("--sm-percent %d: a percentage is 0 to 100", smPercent)
+	}
+	return n.store.updateGPU(gpu, func(st *gpuState) error {
+		for i := range st.Processes {
+			if st.Processes[i].PID == pid {
+				st.Processes[i].SMPercent = smPercent
+				return nil
+			}
+		}
+		return fmt.Errorf("no process %d runs on GPU %d (start it with `tessera sim process start`)", pid, gpu)
+	})
+}
+
 // EndProcesses ends the simulated processes on a GPU (pid 0: all of them).
 func (n *Node) EndProcesses(gpu, pid int) error {
 	if err := n.checkGPU(gpu); err != nil {

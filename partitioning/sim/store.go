@@ -73,6 +73,9 @@ type procState struct {
 	MemMiB uint64 `json:"memoryMiB"`
 	GI     int    `json:"gpuInstance"`
 	CI     int    `json:"computeInstance"`
+	// SMPercent is the process's share of the GPU's SMs over the last sample (NVML's process
+	// utilization), settable with SetProcessUtilization.
+	SMPercent int `json:"smPercent,omitempty"`
 }
 
 // eccCounts are volatile counters (a GPU reset clears them) and their aggregates (which persist).
