@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"maps"
 	"sync"
 	"time"
 
@@ -31,11 +32,22 @@ type DeviceData struct {
 	Mode string `json:"mode"`
 }
 
-// Condition written on each prepared device.
+// Conditions written on prepared devices: Ready on each; Idle once the telemetry found the claim's
+// holder idle for its window (True) and after it is busy again (False).
 const (
 	ConditionReady = "Ready"
 	ReasonPrepared = "Prepared"
+	ConditionIdle  = "Idle"
+	ReasonIdle     = "GPUIdle"
+	ReasonBusy     = "InUse"
 )
+
+// idleMark is a device's Idle condition: idle with its message, or busy again.
+type idleMark struct {
+	idle    bool
+	message string
+	since   time.Time
+}
 
 // statusWriter writes claim device status in the background, so Prepare never waits for the API
 // server: one server-side apply per claim, by a field manager per node, so entries of other drivers
@@ -50,6 +62,8 @@ type statusWriter struct {
 	mu       sync.Mutex
 	pending  map[types.UID]*Checkpoint // nil devices: clear
 	inflight map[types.UID]bool
+	// idle holds the Idle conditions by claim and device; dropped when the claim's status is cleared.
+	idle map[types.UID]map[string]idleMark
 }
 
 // statusDelay is how long after Prepare the claim's device status is written.
@@ -64,7 +78,25 @@ func newStatusWriter(client kubernetes.Interface, node string) *statusWriter {
 			workqueue.TypedRateLimitingQueueConfig[types.UID]{Name: "claim-status"}),
 		pending:  map[types.UID]*Checkpoint{},
 		inflight: map[types.UID]bool{},
+		idle:     map[types.UID]map[string]idleMark{},
 	}
+}
+
+// setIdle records a device's Idle condition and writes the claim's status again at once.
+func (w *statusWriter) setIdle(c *Checkpoint, device string, idle bool, message string) {
+	if w == nil {
+		return
+	}
+	cp := *c
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	uid := c.Claim.UID
+	if w.idle[uid] == nil {
+		w.idle[uid] = map[string]idleMark{}
+	}
+	w.idle[uid][device] = idleMark{idle: idle, message: message, since: time.Now()}
+	w.pending[uid] = &cp
+	w.queue.Add(uid)
 }
 
 // set queues the status of a prepared claim (devices from the checkpoint) or, with cleared, the
@@ -79,6 +111,7 @@ func (w *statusWriter) set(c *Checkpoint, cleared bool) {
 	uid := c.Claim.UID
 	if cleared {
 		cp.Devices = nil
+		delete(w.idle, uid)
 		if p := w.pending[uid]; p != nil && p.Devices != nil && !w.inflight[uid] {
 			delete(w.pending, uid) // never written: nothing to remove
 			return
@@ -161,6 +194,9 @@ func (w *statusWriter) next(ctx context.Context) bool {
 func (w *statusWriter) apply(ctx context.Context, c *Checkpoint) error {
 	st := resourceac.ResourceClaimStatus()
 	now := metav1.NewTime(time.Now())
+	w.mu.Lock()
+	marks := maps.Clone(w.idle[c.Claim.UID])
+	w.mu.Unlock()
 	for _, d := range c.Devices {
 		data, err := json.Marshal(DeviceData{UUID: d.CDI.UUID(), GPUUUID: d.CDI.GPU.UUID, GPUIndex: d.CDI.GPU.Index, CDIDeviceID: d.CDIDeviceID, Mode: string(d.Mode)})
 		if err != nil {
@@ -171,6 +207,15 @@ func (w *statusWriter) apply(ctx context.Context, c *Checkpoint) error {
 				WithReason(ReasonPrepared).WithMessage(fmt.Sprintf("prepared %s for the claim's containers", d.CDI.UUID())).
 				WithLastTransitionTime(now)).
 			WithData(runtime.RawExtension{Raw: data})
+		if m, ok := marks[d.Device]; ok {
+			cond := metav1ac.Condition().WithType(ConditionIdle).WithLastTransitionTime(metav1.NewTime(m.since))
+			if m.idle {
+				cond.WithStatus(metav1.ConditionTrue).WithReason(ReasonIdle).WithMessage(m.message)
+			} else {
+				cond.WithStatus(metav1.ConditionFalse).WithReason(ReasonBusy).WithMessage("the claim's holder uses the device again")
+			}
+			ds.WithConditions(cond)
+		}
 		if d.ShareID != "" {
 			ds.WithShareID(d.ShareID)
 		}

@@ -4,6 +4,7 @@ import (
 	"context"
 	"maps"
 	"slices"
+	"strings"
 
 	"github.com/tessera-gpu/tessera/api"
 	"github.com/tessera-gpu/tessera/health"
@@ -116,4 +117,25 @@ func (s draTelemetry) Holdings(context.Context) ([]telemetry.Holding, error) {
 		return 0
 	})
 	return out, nil
+}
+
+// IdleChanged writes the telemetry's idle finding into the claim's device status: condition Idle
+// True with the finding while the holder stays idle, False once it is busy again.
+func (d *Driver) IdleChanged(h telemetry.Holding, idle bool, message string) {
+	if h.Claim == "" || d.status == nil {
+		return
+	}
+	ns, name, _ := strings.Cut(h.Claim, "/")
+	d.idxMu.Lock()
+	var c *Checkpoint
+	for _, x := range d.index {
+		if x.Claim.Namespace == ns && x.Claim.Name == name && x.Phase == PhaseCompleted {
+			c = x
+		}
+	}
+	d.idxMu.Unlock()
+	if c == nil {
+		return // unprepared meanwhile
+	}
+	d.status.setIdle(c, h.Device, idle, message)
 }

@@ -45,13 +45,16 @@ func (f *Flags) Validate() error {
 }
 
 // Start builds and runs a Sampler for a daemon until ctx ends; client may be nil (no pod names, no
-// Events). It returns nil when telemetry is off.
-func (f *Flags) Start(ctx context.Context, lib nvmlib.Interface, component string, src Source, client kubernetes.Interface, nodeName string, lastXIDs func() map[int]uint64) (*Sampler, error) {
+// Events); more set further options (LastXIDs, OnIdleChange). It returns nil when telemetry is off.
+func (f *Flags) Start(ctx context.Context, lib nvmlib.Interface, component string, src Source, client kubernetes.Interface, nodeName string, more ...func(*Options)) (*Sampler, error) {
 	if f.Interval == 0 {
 		return nil, nil
 	}
 	o := Options{Lib: lib, Component: component, Source: src, ProcRoot: f.ProcRoot, Interval: f.Interval,
-		IdleWindow: f.IdleWindow, IdleUtilizationPercent: f.IdleUtilization, IdlePowerWatts: f.IdlePowerWatts, LastXIDs: lastXIDs}
+		IdleWindow: f.IdleWindow, IdleUtilizationPercent: f.IdleUtilization, IdlePowerWatts: f.IdlePowerWatts}
+	for _, m := range more {
+		m(&o)
+	}
 	if client != nil && nodeName != "" {
 		pods, err := WatchNodePods(ctx, client, nodeName, 30*time.Second)
 		if err != nil {

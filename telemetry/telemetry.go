@@ -130,6 +130,10 @@ type Options struct {
 	Clock          Clock
 	// LastXIDs gives the last XID seen per GPU (health.Monitor.LastXIDs); nil: not exported.
 	LastXIDs func() map[int]uint64
+	// OnIdleChange, when set, is told when a holder crosses the idle window (idle true, with the
+	// message of its Event) and when a holder reported idle is busy again (idle false). The DRA
+	// driver writes it into the claim's device status. Called outside the sampler's lock.
+	OnIdleChange func(h Holding, idle bool, message string)
 }
 
 // gpuSample is one GPU's readings.
@@ -353,6 +357,8 @@ type idleReport struct {
 	h   Holding
 	dur time.Duration
 	gpu gpuSample
+	// busyAgain: a holder reported idle is busy again (or gone).
+	busyAgain bool
 }
 
 // busy reports whether a holding's device is in use in this sample.
@@ -407,6 +413,9 @@ func (s *Sampler) trackIdleLocked(gpus []gpuSample, holdings []Holding, uses []p
 		seen[k] = true
 		g, ok := byGPU[h.GPU]
 		if !ok || s.busy(h, g, uses) || s.optedOut(h) {
+			if st := s.idle[k]; st != nil && st.reported {
+				reports = append(reports, idleReport{h: h, busyAgain: true})
+			}
 			delete(s.idle, k)
 			s.idleFor[k] = 0
 			continue
@@ -444,6 +453,13 @@ func (s *Sampler) optedOut(h Holding) bool {
 }
 
 func (s *Sampler) report(r idleReport) {
+	if r.busyAgain {
+		klog.V(2).InfoS("GPU holder busy again", "pod", r.h.Namespace+"/"+r.h.Pod, "claim", r.h.Claim, "device", r.h.Device)
+		if s.o.OnIdleChange != nil {
+			s.o.OnIdleChange(r.h, false, "")
+		}
+		return
+	}
 	who := r.h.Namespace + "/" + r.h.Pod
 	if r.h.Pod == "" {
 		who = "claim " + r.h.Claim
@@ -466,6 +482,9 @@ func (s *Sampler) report(r idleReport) {
 			}
 		}
 		s.o.Events.PodEvent(pi, "Warning", ReasonIdle, msg)
+	}
+	if s.o.OnIdleChange != nil {
+		s.o.OnIdleChange(r.h, true, msg)
 	}
 }
 

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"sort"
 	"strings"
 	"sync"
@@ -78,6 +79,7 @@ const (
 // env is a simulated dgx-h100 whose GPU 1 is cut into 3g.40gb devices, a fake procfs with two pods'
 // processes and a sampler over GPUs 0 and 1.
 type env struct {
+	proc   string
 	node   *sim.Node
 	lib    nvmlib.Interface
 	clock  *fakeClock
@@ -151,7 +153,7 @@ func newEnv(t *testing.T, window time.Duration) *env {
 			t.Fatal(err)
 		}
 	}
-	e := &env{node: node, lib: lib, clock: &fakeClock{t: time.Unix(1_800_000_000, 0)}, events: &events{}, mig: migs[0],
+	e := &env{proc: proc, node: node, lib: lib, clock: &fakeClock{t: time.Unix(1_800_000_000, 0)}, events: &events{}, mig: migs[0],
 		pods: fakePods{uidA: {UID: uidA, Namespace: "ml", Name: "trainer"}, uidB: {UID: uidB, Namespace: "ml", Name: "server"}}}
 	e.src = &fakeSource{owned: []int{1, 0}, holdings: []telemetry.Holding{
 		{GPU: 0, Device: "GPU-0", Resource: "nvidia.com/gpu", Kind: telemetry.KindGPU, GI: -1, Exclusive: true, Healthy: true, Namespace: "ml", Pod: "trainer"},
@@ -307,6 +309,14 @@ func TestReadingsAndAttribution(t *testing.T) {
 func TestIdleDetection(t *testing.T) {
 	e := newEnv(t, 30*time.Minute)
 	ctx := context.Background()
+	var changes []string
+	e.s, _ = telemetry.New(telemetry.Options{Lib: e.lib, Component: "device-plugin", Source: e.src, Pods: e.pods, Events: e.events,
+		ProcRoot: e.proc, IdleWindow: 30 * time.Minute, IdleUtilizationPercent: 5, Clock: e.clock,
+		OnIdleChange: func(h telemetry.Holding, idle bool, msg string) {
+			changes = append(changes, fmt.Sprintf("%s %v %v", h.Pod, idle, msg != ""))
+		}})
+	e.reg = prometheus.NewPedanticRegistry()
+	e.reg.MustRegister(e.s)
 	e.set(t, 0, 2, 70)
 	e.s.Sample(ctx)
 	e.clock.Add(29 * time.Minute)
@@ -343,6 +353,9 @@ func TestIdleDetection(t *testing.T) {
 	// Work resets it.
 	e.set(t, 0, 60, 300)
 	e.s.Sample(ctx)
+	if want := []string{"trainer true true", "trainer false false"}; !slices.Equal(changes, want) {
+		t.Errorf("idle changes %q, want %q", changes, want)
+	}
 	if d := e.s.IdleFor("GPU-0", "ml", "trainer", ""); d != 0 {
 		t.Errorf("busy holder idle for %s", d)
 	}

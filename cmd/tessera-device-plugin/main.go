@@ -236,7 +236,7 @@ func run(ctx context.Context, o options, started func(*plugin.Plugin)) error {
 	if o.metricsAddress != "" {
 		// GPU telemetry is exported only where it is scraped.
 		reg := prometheus.NewRegistry()
-		sampler, err := o.telemetry.Start(ctx, lib, "device-plugin", p.TelemetrySource(), client, o.nodeName, monitor.LastXIDs)
+		sampler, err := o.telemetry.Start(ctx, lib, "device-plugin", p.TelemetrySource(), client, o.nodeName, func(to *telemetry.Options) { to.LastXIDs = monitor.LastXIDs })
 		if err != nil {
 			return fmt.Errorf("telemetry: %w", err)
 		}

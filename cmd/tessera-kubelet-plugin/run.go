@@ -279,7 +279,9 @@ func run(ctx context.Context, o options, started func(*dra.Driver)) error {
 		}
 		// GPU telemetry is exported only where it is scraped.
 		reg := prometheus.NewRegistry()
-		sampler, err := o.telemetry.Start(ctx, lib, "dra", d.TelemetrySource(), client, o.nodeName, monitor.LastXIDs)
+		sampler, err := o.telemetry.Start(ctx, lib, "dra", d.TelemetrySource(), client, o.nodeName, func(to *telemetry.Options) {
+			to.LastXIDs, to.OnIdleChange = monitor.LastXIDs, d.IdleChanged
+		})
 		if err != nil {
 			_ = ln.Close()
 			return fmt.Errorf("telemetry: %w", err)

@@ -260,4 +260,43 @@ func TestTelemetryAttributesPods(t *testing.T) {
 	waitMetric(draAddr, "tessera_device_allocated", 1, `component="dra"`, `device="`+dev+`"`, `pod="server"`,
 		`claim="`+ns+"/"+claim.Name+`"`, `resource="`+dra.DriverName+`"`)
 	waitMetric(draAddr, "tessera_gpu_readable", 1, `component="dra"`, `gpu="4"`)
+
+	// Its GPU goes idle: the claim's device status gets condition Idle=True, and False once busy again.
+	draGPU, err := strconv.Atoi(strings.TrimPrefix(dev, "gpu-"))
+	if err != nil {
+		t.Fatalf("device %s", dev)
+	}
+	idleCondition := func(want metav1.ConditionStatus) {
+		t.Helper()
+		var last string
+		wctx, cancel := context.WithTimeout(ctx, 60*time.Second)
+		defer cancel()
+		err := harness.Poll(wctx, 200*time.Millisecond, func(ctx context.Context) (bool, error) {
+			cl, err := c.Client().ResourceV1().ResourceClaims(ns).Get(ctx, claim.Name, metav1.GetOptions{})
+			if err != nil {
+				return false, err
+			}
+			for _, d := range cl.Status.Devices {
+				for _, cond := range d.Conditions {
+					if d.Device == dev && cond.Type == dra.ConditionIdle {
+						last = fmt.Sprintf("%s %s: %s", cond.Status, cond.Reason, cond.Message)
+						return cond.Status == want, nil
+					}
+				}
+			}
+			return false, nil
+		})
+		if err != nil {
+			t.Fatalf("claim %s: condition Idle never %s (last: %q)%s", claim.Name, want, last, logs())
+		}
+		t.Logf("claim %s: Idle %s", claim.Name, last)
+	}
+	if err := node.Set(draGPU, sim.Settings{UtilizationGPU: &idle}); err != nil {
+		t.Fatal(err)
+	}
+	idleCondition(metav1.ConditionTrue)
+	if err := node.Set(draGPU, sim.Settings{UtilizationGPU: &busy}); err != nil {
+		t.Fatal(err)
+	}
+	idleCondition(metav1.ConditionFalse)
 }
