@@ -7,7 +7,7 @@ E2E_FLAGS ?=
 # go-nvml's cgo prolog references NVML calls the header marks deprecated; the warnings are noise.
 export CGO_CFLAGS ?= -O2 -g -Wno-deprecated-declarations
 
-.PHONY: all build test unit e2e demo demo-down bench lint clean
+.PHONY: all build test unit e2e demo demo-down bench bench-raw lint clean
 
 all: build
 
@@ -30,7 +30,15 @@ demo: build
 demo-down:
 	$(GO) run ./tests/cmd/localcluster down
 
+# make bench: the figures that matter, each beside a baseline from the same run, as one table
+# (printed and written to docs/performance.md); short mode, a few minutes. BENCH_FLAGS=-short=false
+# for more iterations.
+BENCH_FLAGS ?=
 bench:
+	$(GO) run ./tests/cmd/benchtable $(BENCH_FLAGS)
+
+# make bench-raw: every unit-level benchmark, as go test prints it.
+bench-raw:
 	$(GO) test -run '^$$' -bench . -benchmem $(PKGS)
 
 lint:

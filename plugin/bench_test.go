@@ -16,6 +16,7 @@ import (
 // with 8 whole GPUs, 80 time-sliced replicas (10 per GPU) or 800 (100 per GPU). Each reports p50
 // and p99 latency and their ratio to an empty gRPC call (GetDevicePluginOptions, which returns a
 // constant) over the same socket, measured in the same run, so figures compare across machines.
+// `make bench` (tests/cmd/benchtable) turns these metrics into docs/performance.md.
 //
 //	go test -run '^$' -bench . -benchtime 2000x ./plugin/
 
@@ -72,6 +73,7 @@ func measure(b *testing.B, c pluginapi.DevicePluginClient, call func(ctx context
 	b.ReportMetric(p50/1e3, "p50-µs")
 	b.ReportMetric(p99/1e3, "p99-µs")
 	b.ReportMetric(b50/1e3, "empty-p50-µs")
+	b.ReportMetric(b99/1e3, "empty-p99-µs")
 	b.ReportMetric(p50/b50, "p50-x-empty")
 	b.ReportMetric(p99/b99, "p99-x-empty")
 }
@@ -94,17 +96,22 @@ func BenchmarkAllocate(b *testing.B) {
 func BenchmarkGetPreferredAllocation(b *testing.B) {
 	for _, sz := range sizes {
 		b.Run(fmt.Sprintf("devices=%d", sz.devices), func(b *testing.B) {
-			_, s, c := benchEnv(b, sz.replicas)
+			e, s, c := benchEnv(b, sz.replicas)
 			size := int32(1)
 			if sz.replicas == 1 {
 				size = 2 // whole GPUs: the NVLink-aware path
 			}
 			req := &pluginapi.PreferredAllocationRequest{ContainerRequests: []*pluginapi.ContainerPreferredAllocationRequest{{
 				AvailableDeviceIDs: s.IDs(), AllocationSize: size}}}
+			calls, _ := e.lib.Calls()
 			measure(b, c, func(ctx context.Context) error {
 				_, err := c.GetPreferredAllocation(ctx, req)
 				return err
 			})
+			// Every NVML call the plugin made while measuring, background work included (an upper
+			// bound on the calls per request).
+			after, _ := e.lib.Calls()
+			b.ReportMetric(float64(after-calls)/float64(b.N), "nvml-calls/op")
 		})
 	}
 }
