@@ -217,7 +217,7 @@ func New(o Options) (*Sampler, error) {
 		nvmlErrs: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "tessera_nvml_errors_total",
 			Help: "NVML calls of the telemetry that failed, by call.", ConstLabels: cl}, []string{"call"}),
 		idleEvent: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "tessera_idle_reports_total",
-			Help: "Holders reported idle (an Event on the pod each time).", ConstLabels: cl}, []string{"namespace", "pod"}),
+			Help: "Holders reported idle (an Event on the pod each time); which ones: tessera_device_idle.", ConstLabels: cl}, nil),
 	}, nil
 }
 
@@ -473,7 +473,7 @@ func (s *Sampler) report(r idleReport) {
 	msg := fmt.Sprintf("%s has held %s %s (GPU %d, %s) for %s with %s; release it if it is not needed, or annotate the pod %s: \"off\"",
 		who, r.h.Resource, r.h.Device, r.h.GPU, r.gpu.model, r.dur.Round(time.Second), what, AnnotationIdleCheck)
 	klog.InfoS("Idle GPU holder", "pod", who, "device", r.h.Device, "gpu", r.h.GPU, "idleFor", r.dur.Round(time.Second))
-	s.idleEvent.WithLabelValues(r.h.Namespace, r.h.Pod).Inc()
+	s.idleEvent.WithLabelValues().Inc()
 	if s.o.Events != nil && r.h.Pod != "" {
 		pi := PodInfo{Namespace: r.h.Namespace, Name: r.h.Pod}
 		if s.o.Pods != nil {
@@ -509,7 +509,7 @@ var (
 	descGPUUp    = prometheus.NewDesc("tessera_gpu_readable", "1 when the GPU's readings could be read in the last sample, else 0.", gpuLabels, nil)
 	descDevAlloc = prometheus.NewDesc("tessera_device_allocated", "1 when the device (GPU, MIG device, replica, MPS client or share) is allocated to a pod or claim, 0 when free.", devLabels, nil)
 	descDevOK    = prometheus.NewDesc("tessera_device_healthy", "1 when the device is healthy, 0 when not.", devLabels, nil)
-	descDevMem   = prometheus.NewDesc("tessera_device_memory_limit_bytes", "Memory the device's holder may use (MIG device, MPS client or share limit).", devLabels, nil)
+	descDevMem   = prometheus.NewDesc("tessera_device_memory_limit_bytes", "Memory the device's holder may use: the MIG device's, the MPS client's or share's limit, else the whole GPU's.", devLabels, nil)
 	descDevIdle  = prometheus.NewDesc("tessera_device_idle_seconds", "How long the device's holder has been idle (0 while busy).", devLabels, nil)
 	descDevIdleW = prometheus.NewDesc("tessera_device_idle", "1 when the device's holder has been idle for the whole idle window.", devLabels, nil)
 	descPodMem   = prometheus.NewDesc("tessera_pod_gpu_memory_used_bytes", "GPU memory a pod's processes use (NVML processes, attributed by cgroup).", podLabels, nil)
@@ -576,8 +576,12 @@ func (s *Sampler) Collect(ch chan<- prometheus.Metric) {
 		}
 		ch <- prometheus.MustNewConstMetric(descDevAlloc, prometheus.GaugeValue, alloc, lv...)
 		ch <- prometheus.MustNewConstMetric(descDevOK, prometheus.GaugeValue, ok, lv...)
-		if h.MemoryLimitBytes > 0 {
-			ch <- prometheus.MustNewConstMetric(descDevMem, prometheus.GaugeValue, float64(h.MemoryLimitBytes), lv...)
+		limit := h.MemoryLimitBytes
+		if g, ok := byGPU[h.GPU]; ok && limit == 0 && h.GI < 0 && g.err == nil {
+			limit = int64(g.t.MemoryTotalMiB) << 20 // a whole GPU or replica may use all of it
+		}
+		if limit > 0 {
+			ch <- prometheus.MustNewConstMetric(descDevMem, prometheus.GaugeValue, float64(limit), lv...)
 		}
 		if h.Allocated() {
 			d := idleFor[idleKey{h.Device, h.Namespace, h.Pod, h.Claim}]

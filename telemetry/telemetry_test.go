@@ -298,6 +298,9 @@ func TestReadingsAndAttribution(t *testing.T) {
 	if v := find(t, got, "tessera_device_memory_limit_bytes", "device="+e.mig.UUID); v != float64(e.mig.MemoryMiB<<20) {
 		t.Errorf("MIG memory limit %v", v)
 	}
+	if v := find(t, got, "tessera_device_memory_limit_bytes", "device=GPU-0"); v != float64(e.gpuMemMiB(t, 0))*(1<<20) {
+		t.Errorf("whole GPU's memory limit %v, want the GPU's memory", v)
+	}
 	if v := find(t, got, "tessera_telemetry_samples_total"); v != 1 {
 		t.Errorf("samples %v", v)
 	}
@@ -478,4 +481,13 @@ func TestSharedGPUSplitByProcess(t *testing.T) {
 	if len(evs) != 1 || !strings.Contains(evs[0], "ml/server") {
 		t.Errorf("events: %v", evs)
 	}
+}
+
+func (e *env) gpuMemMiB(t *testing.T, gpu int) uint64 {
+	t.Helper()
+	tm, err := e.lib.Telemetry(gpu)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return tm.MemoryTotalMiB
 }
