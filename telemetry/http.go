@@ -2,6 +2,8 @@ package telemetry
 
 import (
 	"context"
+	"fmt"
+	"net"
 	"net/http"
 	"time"
 
@@ -57,4 +59,26 @@ func (r reloadCollector) Collect(ch chan<- prometheus.Metric) {
 	ok, bad := r.reloads()
 	ch <- prometheus.MustNewConstMetric(descReloads, prometheus.CounterValue, float64(ok), r.component, "success")
 	ch <- prometheus.MustNewConstMetric(descReloads, prometheus.CounterValue, float64(bad), r.component, "failure")
+}
+
+// Serve serves metrics at /metrics and "ok" at /healthz on addr until ctx ends, and returns the
+// address it listens on.
+func Serve(ctx context.Context, addr string, metrics http.Handler) (string, error) {
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		return "", fmt.Errorf("--metrics-address: %w", err)
+	}
+	mux := http.NewServeMux()
+	mux.Handle("/metrics", metrics)
+	mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) { _, _ = w.Write([]byte("ok\n")) })
+	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
+	go func() { _ = srv.Serve(ln) }()
+	go func() {
+		<-ctx.Done()
+		sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		_ = srv.Shutdown(sctx)
+	}()
+	klog.InfoS("Serving metrics", "address", ln.Addr().String(), "paths", "/metrics,/healthz")
+	return ln.Addr().String(), nil
 }

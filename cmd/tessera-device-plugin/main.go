@@ -8,25 +8,22 @@ import (
 	"errors"
 	"flag"
 	"fmt"
-	"net"
-	"net/http"
 	"os"
 	"os/signal"
 	"path/filepath"
-	"strings"
 	"syscall"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/spf13/pflag"
 	"k8s.io/client-go/kubernetes"
-	"k8s.io/client-go/tools/clientcmd"
 	"k8s.io/klog/v2"
 	pluginapi "k8s.io/kubelet/pkg/apis/deviceplugin/v1beta1"
 
 	"github.com/tessera-gpu/tessera/api"
 	"github.com/tessera-gpu/tessera/cdi"
 	"github.com/tessera-gpu/tessera/health"
+	"github.com/tessera-gpu/tessera/kubeclient"
 	"github.com/tessera-gpu/tessera/partitioning/backend"
 	"github.com/tessera-gpu/tessera/partitioning/miggate"
 	"github.com/tessera-gpu/tessera/partitioning/mps"
@@ -191,7 +188,7 @@ func run(ctx context.Context, o options, started func(*plugin.Plugin)) error {
 		if o.nodeName == "" {
 			return errors.New("--kubeconfig needs --node-name (or NODE_NAME)")
 		}
-		client, err = kubeClient(o.kubeconfig)
+		client, err = kubeclient.New(o.kubeconfig, component)
 		if err != nil {
 			return err
 		}
@@ -246,7 +243,7 @@ func run(ctx context.Context, o options, started func(*plugin.Plugin)) error {
 		if watcher != nil {
 			reg.MustRegister(telemetry.ProfileReloads("device-plugin", watcher.Reloads))
 		}
-		if err := serveMetrics(ctx, o.metricsAddress, telemetry.Handler(p.MetricsText, reg)); err != nil {
+		if _, err := telemetry.Serve(ctx, o.metricsAddress, telemetry.Handler(p.MetricsText, reg)); err != nil {
 			return err
 		}
 	}
@@ -289,19 +286,6 @@ func podResourcesSocket(o options) string {
 	return o.podResourcesSocket
 }
 
-func kubeClient(kubeconfig string) (kubernetes.Interface, error) {
-	var rules clientcmd.ClientConfigLoadingRules
-	if kubeconfig != "in-cluster" {
-		rules.ExplicitPath = kubeconfig
-	}
-	cfg, err := clientcmd.NewNonInteractiveDeferredLoadingClientConfig(&rules, &clientcmd.ConfigOverrides{}).ClientConfig()
-	if err != nil {
-		return nil, fmt.Errorf("--kubeconfig: %w", err)
-	}
-	cfg.UserAgent = component
-	return kubernetes.NewForConfig(cfg)
-}
-
 // loadProfile reads the first profile: the built-in default without --config-file, else the file
 // or directory through a watcher that follows edits (and labels, for a directory).
 func loadProfile(ctx context.Context, o options, lib nvmlib.Interface, labels profile.LabelSource, events profile.EventRecorder) (*profile.Watcher, *api.Resolution, error) {
@@ -340,26 +324,6 @@ func loadProfile(ctx context.Context, o options, lib nvmlib.Interface, labels pr
 		return nil, nil, fmt.Errorf("--config-file %s: %w", o.configFile, err)
 	}
 	return w, cur.Resolution, nil
-}
-
-func serveMetrics(ctx context.Context, addr string, metrics http.Handler) error {
-	ln, err := net.Listen("tcp", addr)
-	if err != nil {
-		return fmt.Errorf("--metrics-address: %w", err)
-	}
-	mux := http.NewServeMux()
-	mux.Handle("/metrics", metrics)
-	mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) { _, _ = w.Write([]byte("ok\n")) })
-	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
-	go func() { _ = srv.Serve(ln) }()
-	go func() {
-		<-ctx.Done()
-		sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-		defer cancel()
-		_ = srv.Shutdown(sctx)
-	}()
-	klog.InfoS("Serving metrics", "address", ln.Addr().String(), "paths", strings.Join([]string{"/metrics", "/healthz"}, ","))
-	return nil
 }
 
 // failOnInitError reads the config's failOnInitError (a file, or a directory's "default" key); true

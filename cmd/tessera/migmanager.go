@@ -3,17 +3,14 @@ package main
 import (
 	"errors"
 	"fmt"
-	"net"
-	"net/http"
 	"os"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/spf13/cobra"
-	"k8s.io/client-go/kubernetes"
-	"k8s.io/client-go/tools/clientcmd"
 	"k8s.io/klog/v2"
 
+	"github.com/tessera-gpu/tessera/kubeclient"
 	"github.com/tessera-gpu/tessera/partitioning/backend"
 	"github.com/tessera-gpu/tessera/partitioning/miggate"
 	"github.com/tessera-gpu/tessera/partitioning/migmanager"
@@ -97,7 +94,7 @@ func runMigManager(cmd *cobra.Command, opts *backend.Options, f migManagerFlags)
 		if f.nodeName == "" {
 			return errors.New("--kubeconfig needs --node-name (or NODE_NAME)")
 		}
-		client, err := kubeClient(f.kubeconfig, migManagerComponent)
+		client, err := kubeclient.New(f.kubeconfig, migManagerComponent)
 		if err != nil {
 			return err
 		}
@@ -116,31 +113,10 @@ func runMigManager(cmd *cobra.Command, opts *backend.Options, f migManagerFlags)
 	if f.metrics != "" {
 		reg := prometheus.NewRegistry()
 		reg.MustRegister(m.Collectors()...)
-		ln, err := net.Listen("tcp", f.metrics)
-		if err != nil {
-			return fmt.Errorf("--metrics-address: %w", err)
+		if _, err := telemetry.Serve(ctx, f.metrics, telemetry.Handler(nil, reg)); err != nil {
+			return err
 		}
-		mux := http.NewServeMux()
-		mux.Handle("/metrics", telemetry.Handler(nil, reg))
-		mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) { _, _ = w.Write([]byte("ok\n")) })
-		srv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
-		go func() { _ = srv.Serve(ln) }()
-		defer srv.Close()
-		klog.InfoS("Serving metrics", "address", ln.Addr().String())
 	}
 	klog.InfoS("MIG manager running", "layouts", f.layouts, "handshake", mo.GateDir, "bootID", boot, "node", f.nodeName)
 	return m.Run(ctx)
-}
-
-func kubeClient(kubeconfig, userAgent string) (kubernetes.Interface, error) {
-	var rules clientcmd.ClientConfigLoadingRules
-	if kubeconfig != "in-cluster" {
-		rules.ExplicitPath = kubeconfig
-	}
-	cfg, err := clientcmd.NewNonInteractiveDeferredLoadingClientConfig(&rules, &clientcmd.ConfigOverrides{}).ClientConfig()
-	if err != nil {
-		return nil, fmt.Errorf("--kubeconfig: %w", err)
-	}
-	cfg.UserAgent = userAgent
-	return kubernetes.NewForConfig(cfg)
 }

@@ -141,29 +141,9 @@ func TestDevicePluginServesPods(t *testing.T) {
 					return false, nil
 				}
 			}
-			got, err := kubeletAllocatable(ctx, podResources)
-			if err != nil {
-				last = "pod resources: " + err.Error()
-				return false, nil
-			}
-			for r, v := range want {
-				if got[r] != v {
-					last = fmt.Sprintf("kubelet allocatable %v", got)
-					return false, nil
-				}
-			}
-			n, err := c.Client().CoreV1().Nodes().Get(ctx, c.NodeName, metav1.GetOptions{})
-			if err != nil {
-				return false, err
-			}
-			for r, v := range want {
-				q := n.Status.Allocatable[corev1.ResourceName(r)]
-				if q.Value() != v {
-					last = fmt.Sprintf("node allocatable %v", n.Status.Allocatable)
-					return false, nil
-				}
-			}
-			return true, nil
+			ok, why, err := allocatableIs(ctx, c, podResources, want)
+			last = why
+			return ok, err
 		})
 		if err != nil {
 			t.Fatalf("%s: want %v: %v; last: %s\nplugin log:\n%s", what, want, err, last, tail(hp.Logs(), 40))
@@ -238,6 +218,47 @@ func TestDevicePluginServesPods(t *testing.T) {
 	if l, err := cdi.List(c.CDIDir, cdi.DefaultVendorClass); err != nil || len(l.Errors) > 0 {
 		t.Errorf("CDI specs: %v %v", err, l.Errors)
 	}
+}
+
+// allocatableIs reports whether the kubelet itself (PodResources GetAllocatableResources: the
+// device manager's own view) and the node status both show exactly these allocatable counts, and if
+// not, what they show.
+func allocatableIs(ctx context.Context, c *harness.Cluster, podResources string, want map[string]int64) (bool, string, error) {
+	got, err := kubeletAllocatable(ctx, podResources)
+	if err != nil {
+		return false, "pod resources: " + err.Error(), nil
+	}
+	for r, v := range want {
+		if got[r] != v {
+			return false, fmt.Sprintf("kubelet allocatable %v", got), nil
+		}
+	}
+	n, err := c.Client().CoreV1().Nodes().Get(ctx, c.NodeName, metav1.GetOptions{})
+	if err != nil {
+		return false, "", err
+	}
+	for r, v := range want {
+		q := n.Status.Allocatable[corev1.ResourceName(r)]
+		if q.Value() != v {
+			return false, fmt.Sprintf("node allocatable %v", n.Status.Allocatable), nil
+		}
+	}
+	return true, "", nil
+}
+
+// buildBinaries builds the named commands (folders of cmd/) into dir and returns their paths.
+func buildBinaries(t *testing.T, ctx context.Context, dir string, names ...string) map[string]string {
+	t.Helper()
+	out := map[string]string{}
+	for _, b := range names {
+		out[b] = filepath.Join(dir, b)
+		build := exec.CommandContext(ctx, "go", "build", "-o", out[b], "./cmd/"+b)
+		build.Dir = filepath.Join("..", "..")
+		if msg, err := build.CombinedOutput(); err != nil {
+			t.Fatalf("build %s: %v\n%s", b, err, msg)
+		}
+	}
+	return out
 }
 
 // scrape reads a metrics page.

@@ -6,7 +6,6 @@ import (
 	"context"
 	"fmt"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"slices"
 	"strings"
@@ -128,15 +127,7 @@ func TestMIGManager(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	bins := map[string]string{}
-	for _, b := range []string{"tessera", "tessera-device-plugin", "tessera-kubelet-plugin"} {
-		bins[b] = filepath.Join(dir, b)
-		build := exec.CommandContext(ctx, "go", "build", "-o", bins[b], "./cmd/"+b)
-		build.Dir = filepath.Join("..", "..")
-		if out, err := build.CombinedOutput(); err != nil {
-			t.Fatalf("build %s: %v\n%s", b, err, out)
-		}
-	}
+	bins := buildBinaries(t, ctx, dir, "tessera", "tessera-device-plugin", "tessera-kubelet-plugin")
 	simDir := filepath.Join(dir, "sim")
 	profile := filepath.Join(dir, "profile.yaml")
 	layouts := filepath.Join(dir, "layouts", migmanager.LayoutsKey)
@@ -231,27 +222,10 @@ func TestMIGManager(t *testing.T) {
 		t.Helper()
 		var last string
 		err := harness.Poll(within(), 200*time.Millisecond, func(ctx context.Context) (bool, error) {
-			got, err := kubeletAllocatable(ctx, podResources)
-			if err != nil {
-				last = "pod resources: " + err.Error()
-				return false, nil
-			}
-			for r, v := range want {
-				if got[r] != v {
-					last = fmt.Sprintf("kubelet allocatable %v", got)
-					return false, nil
-				}
-			}
-			n, err := c.Client().CoreV1().Nodes().Get(ctx, c.NodeName, metav1.GetOptions{})
-			if err != nil {
+			ok, why, err := allocatableIs(ctx, c, podResources, want)
+			if !ok || err != nil {
+				last = why
 				return false, err
-			}
-			for r, v := range want {
-				q := n.Status.Allocatable[corev1.ResourceName(r)]
-				if q.Value() != v {
-					last = fmt.Sprintf("node allocatable %v", n.Status.Allocatable)
-					return false, nil
-				}
 			}
 			list, err := c.Client().ResourceV1().ResourceSlices().List(ctx, metav1.ListOptions{FieldSelector: "spec.driver=" + dra.DriverName})
 			if err != nil {

@@ -6,7 +6,6 @@ import (
 	"context"
 	"fmt"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"regexp"
 	"slices"
@@ -90,15 +89,7 @@ func TestTelemetryAttributesPods(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	bins := map[string]string{}
-	for _, b := range []string{"tessera-device-plugin", "tessera-kubelet-plugin"} {
-		bins[b] = filepath.Join(dir, b)
-		build := exec.CommandContext(ctx, "go", "build", "-o", bins[b], "./cmd/"+b)
-		build.Dir = filepath.Join("..", "..")
-		if out, err := build.CombinedOutput(); err != nil {
-			t.Fatalf("build %s: %v\n%s", b, err, out)
-		}
-	}
+	bins := buildBinaries(t, ctx, dir, "tessera-device-plugin", "tessera-kubelet-plugin")
 	simDir := filepath.Join(dir, "sim")
 	profile := filepath.Join(dir, "profile.yaml")
 	if err := os.WriteFile(profile, []byte(telemetryProfile), 0o644); err != nil {
