@@ -183,7 +183,6 @@ type Sampler struct {
 	idleFor  map[idleKey]time.Duration
 
 	samples   prometheus.Counter
-	nvmlErrs  *prometheus.CounterVec
 	idleEvent *prometheus.CounterVec
 }
 
@@ -214,8 +213,6 @@ func New(o Options) (*Sampler, error) {
 		o: o, idle: map[idleKey]*idleState{}, idleFor: map[idleKey]time.Duration{},
 		samples: prometheus.NewCounter(prometheus.CounterOpts{Name: "tessera_telemetry_samples_total",
 			Help: "Samples of the GPUs' readings and processes taken.", ConstLabels: cl}),
-		nvmlErrs: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "tessera_nvml_errors_total",
-			Help: "NVML calls of the telemetry that failed, by call.", ConstLabels: cl}, []string{"call"}),
 		idleEvent: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "tessera_idle_reports_total",
 			Help: "Holders reported idle (an Event on the pod each time); which ones: tessera_device_idle.", ConstLabels: cl}, nil),
 	}, nil
@@ -242,20 +239,19 @@ func (s *Sampler) Sample(ctx context.Context) {
 	gpus := make([]gpuSample, 0, len(owned))
 	for _, i := range owned {
 		g := gpuSample{index: i}
+		// Failed NVML calls are counted by nvmlib (tessera_nvml_errors_total); a GPU that cannot be
+		// read is reported unreadable, never idle.
 		info, err := s.o.Lib.GPU(i)
 		if err != nil {
-			s.nvmlErrs.WithLabelValues("GPU").Inc()
 			g.err = err
 			gpus = append(gpus, g)
 			continue
 		}
 		g.uuid, g.model = info.UUID, info.ProductName
 		if g.t, err = s.o.Lib.Telemetry(i); err != nil {
-			s.nvmlErrs.WithLabelValues("Telemetry").Inc()
 			g.err = err
 		}
 		if g.procs, err = s.o.Lib.Processes(i); err != nil {
-			s.nvmlErrs.WithLabelValues("Processes").Inc()
 			g.procs = nil
 		}
 		if !info.MigEnabled && len(g.procs) > 0 {
@@ -265,8 +261,6 @@ func (s *Sampler) Sample(ctx context.Context) {
 				for _, u := range pu {
 					g.sm[u.PID] = u.SMPercent
 				}
-			} else if !errors.Is(err, nvmlib.ErrNotSupported) {
-				s.nvmlErrs.WithLabelValues("ProcessUtilization").Inc()
 			}
 		}
 		gpus = append(gpus, g)
@@ -499,6 +493,7 @@ var (
 	gpuLabels    = []string{"component", "gpu", "uuid", "model"}
 	devLabels    = []string{"component", "gpu", "device", "resource", "kind", "namespace", "pod", "claim"}
 	podLabels    = []string{"component", "gpu", "uuid", "namespace", "pod", "pod_uid"}
+	descNVMLErrs = prometheus.NewDesc("tessera_nvml_errors_total", "NVML calls of this daemon that failed, by call and return code (some codes are expected: NOT_SUPPORTED for MIG queries on GPUs without MIG).", []string{"component", "call", "code"}, nil)
 	descGPUUtil  = prometheus.NewDesc("tessera_gpu_utilization_percent", "GPU utilization (NVML), percent of the last sample period.", gpuLabels, nil)
 	descGPUMem   = prometheus.NewDesc("tessera_gpu_memory_used_bytes", "GPU memory in use (NVML).", gpuLabels, nil)
 	descGPUTotal = prometheus.NewDesc("tessera_gpu_memory_total_bytes", "GPU memory (NVML).", gpuLabels, nil)
@@ -524,7 +519,7 @@ func (s *Sampler) Describe(ch chan<- *prometheus.Desc) {
 		ch <- d
 	}
 	s.samples.Describe(ch)
-	s.nvmlErrs.Describe(ch)
+	ch <- descNVMLErrs
 	s.idleEvent.Describe(ch)
 }
 
@@ -629,6 +624,8 @@ func (s *Sampler) Collect(ch chan<- prometheus.Metric) {
 		ch <- prometheus.MustNewConstMetric(descPodUtil, prometheus.GaugeValue, float64(g.t.UtilizationGPU), lv...)
 	}
 	s.samples.Collect(ch)
-	s.nvmlErrs.Collect(ch)
+	for _, e := range nvmlib.ErrorCounts() {
+		ch <- prometheus.MustNewConstMetric(descNVMLErrs, prometheus.CounterValue, float64(e.Count), s.o.Component, e.Call, e.Code)
+	}
 	s.idleEvent.Collect(ch)
 }

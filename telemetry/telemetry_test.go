@@ -491,3 +491,33 @@ func (e *env) gpuMemMiB(t *testing.T, gpu int) uint64 {
 	}
 	return tm.MemoryTotalMiB
 }
+
+// A GPU that falls off the bus is reported unreadable, its holder is never idle, and the failed NVML
+// calls are counted by call and code.
+func TestLostGPU(t *testing.T) {
+	e := newEnv(t, time.Minute)
+	ctx := context.Background()
+	e.set(t, 0, 0, 50)
+	if err := e.node.InjectGPULost(0); err != nil {
+		t.Fatal(err)
+	}
+	e.s.Sample(ctx)
+	e.clock.Add(2 * time.Minute)
+	e.s.Sample(ctx)
+	got := e.scrape(t)
+	if v := find(t, got, "tessera_gpu_readable", "gpu=0"); v != 0 {
+		t.Errorf("a lost GPU reported readable")
+	}
+	if d := e.s.IdleFor("GPU-0", "ml", "trainer", ""); d != 0 {
+		t.Errorf("the holder of a lost GPU counted idle for %s", d)
+	}
+	lost := 0.0
+	for k, v := range got {
+		if strings.HasPrefix(k, "tessera_nvml_errors_total{") && strings.Contains(k, "GPU_IS_LOST") {
+			lost += v
+		}
+	}
+	if lost < 2 {
+		t.Errorf("NVML errors on the lost GPU counted %v times, want at least 2 (two samples): %v", lost, got)
+	}
+}

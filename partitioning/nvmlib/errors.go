@@ -2,6 +2,10 @@ package nvmlib
 
 import (
 	"fmt"
+	"sort"
+	"strings"
+	"sync"
+	"sync/atomic"
 
 	"github.com/NVIDIA/go-nvml/pkg/nvml"
 )
@@ -50,7 +54,44 @@ func newErr(op string, gpu int, ret nvml.Return) error {
 	if ret == nvml.SUCCESS {
 		return nil
 	}
+	countErr(op, ret)
 	return &Error{Op: op, GPU: gpu, Ret: ret}
+}
+
+// errCounts counts failed NVML calls in this process by call and return code (op + "\x00" + code
+// → *atomic.Uint64), lock-free once a pair was seen.
+var errCounts sync.Map
+
+func countErr(op string, ret nvml.Return) {
+	key := op + "\x00" + retName(ret)
+	c, ok := errCounts.Load(key)
+	if !ok {
+		c, _ = errCounts.LoadOrStore(key, new(atomic.Uint64))
+	}
+	c.(*atomic.Uint64).Add(1)
+}
+
+// ErrorCount is how often one NVML call failed with one return code.
+type ErrorCount struct {
+	Call, Code string
+	Count      uint64
+}
+
+// ErrorCounts returns the NVML calls that failed in this process, by call and return code, sorted.
+func ErrorCounts() []ErrorCount {
+	var out []ErrorCount
+	errCounts.Range(func(k, v any) bool {
+		call, code, _ := strings.Cut(k.(string), "\x00")
+		out = append(out, ErrorCount{Call: call, Code: code, Count: v.(*atomic.Uint64).Load()})
+		return true
+	})
+	sort.Slice(out, func(i, j int) bool {
+		if out[i].Call != out[j].Call {
+			return out[i].Call < out[j].Call
+		}
+		return out[i].Code < out[j].Code
+	})
+	return out
 }
 
 // retName names a return code without asking the library (safe when NVML is not loaded).
