@@ -5,6 +5,9 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
+	"net"
+	"net/http"
 	"os"
 	"path/filepath"
 	"regexp"
@@ -69,8 +72,13 @@ func runDRADemo(ctx context.Context, c *harness.Cluster, binDir string) error {
 	if err := applyDeviceClasses(ctx, c); err != nil {
 		return err
 	}
+	metricsAddr, err := freeLocalAddr()
+	if err != nil {
+		return err
+	}
 	t0 := time.Now()
 	hp, err := c.StartHostProcess(ctx, harness.HostProcessSpec{Name: demoPlugin, Path: bin, Args: []string{
+		"--metrics-address=" + metricsAddr, "--telemetry-interval=1s",
 		"--nvml=sim:dgx-h100", "--sim-state-dir=" + simDir, "--node-name=" + c.NodeName,
 		"--kubelet-registry-dir=" + c.PluginRegistryDir, "--kubelet-plugins-dir=" + c.PluginsDir,
 		"--cdi-dir=" + c.CDIDir, "--state-dir=" + filepath.Join(dir, "state"), "--mps-root=" + mpsRoot,
@@ -147,7 +155,54 @@ func runDRADemo(ctx context.Context, c *harness.Cluster, binDir string) error {
 	}
 	fmt.Println("both pods run on one GPU; the MPS daemon enforces the larger share for every client, and each")
 	fmt.Println("container's own limit below it (docs/sharing.md says which holds at which level)")
+
+	section("Who holds what: the driver's /metrics (docs/metrics.md)")
+	var lines []string
+	err = harness.Poll(ctx, 200*time.Millisecond, func(ctx context.Context) (bool, error) {
+		page, err := scrapeMetrics(ctx, "http://"+metricsAddr+"/metrics")
+		if err != nil {
+			return false, nil
+		}
+		lines = lines[:0]
+		for _, l := range strings.Split(page, "\n") {
+			if (strings.HasPrefix(l, "tessera_device_allocated{") || strings.HasPrefix(l, "tessera_device_memory_limit_bytes{")) &&
+				strings.Contains(l, `pod="demo-share-`) {
+				lines = append(lines, l)
+			}
+		}
+		return len(lines) == 4, nil
+	})
+	if err != nil {
+		return fmt.Errorf("metrics never named both pods: %w\n%s", err, strings.Join(lines, "\n"))
+	}
+	printIndented(strings.Join(lines, "\n"))
+	fmt.Println("each share of GPU 1 is named with its claim and pod and its memory limit; the same endpoint has")
+	fmt.Println("GPU readings, per-pod memory and utilization, and idle holders (condition Idle on the claim)")
 	return nil
+}
+
+// freeLocalAddr returns a loopback address with a free port.
+func freeLocalAddr() (string, error) {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return "", err
+	}
+	defer l.Close()
+	return l.Addr().String(), nil
+}
+
+func scrapeMetrics(ctx context.Context, url string) (string, error) {
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
+	if err != nil {
+		return "", err
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		return "", err
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	return string(b), err
 }
 
 func printIndented(out string) {
