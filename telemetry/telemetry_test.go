@@ -91,7 +91,7 @@ type env struct {
 	mig    nvmlib.MigDevice
 }
 
-func writeCgroup(t *testing.T, proc string, pid int, content string) {
+func writeCgroup(t testing.TB, proc string, pid int, content string) {
 	t.Helper()
 	dir := filepath.Join(proc, fmt.Sprint(pid))
 	if err := os.MkdirAll(dir, 0o755); err != nil {
@@ -102,7 +102,7 @@ func writeCgroup(t *testing.T, proc string, pid int, content string) {
 	}
 }
 
-func newEnv(t *testing.T, window time.Duration) *env {
+func newEnv(t testing.TB, window time.Duration) *env {
 	t.Helper()
 	spec, _ := sim.BuiltinNode("dgx-h100")
 	node, err := sim.Open(spec, filepath.Join(t.TempDir(), "sim"))
