@@ -126,14 +126,16 @@ func (d *Driver) IdleChanged(h telemetry.Holding, idle bool, message string) {
 		return
 	}
 	ns, name, _ := strings.Cut(h.Claim, "/")
+	// idxMu is held while the mark is queued: Unprepare takes the claim out of the index before it
+	// queues the removal of the claim's status, so a late mark can never bring that status back.
 	d.idxMu.Lock()
+	defer d.idxMu.Unlock()
 	var c *Checkpoint
 	for _, x := range d.index {
 		if x.Claim.Namespace == ns && x.Claim.Name == name && x.Phase == PhaseCompleted {
 			c = x
 		}
 	}
-	d.idxMu.Unlock()
 	if c == nil {
 		return // unprepared meanwhile
 	}

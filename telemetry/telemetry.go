@@ -146,7 +146,9 @@ type gpuSample struct {
 	// sm is each process's SM utilization, when NVML gives process samples (smOK).
 	sm   map[int]int
 	smOK bool
-	err  error
+	// err: the readings could not be read; procErr: the processes could not be.
+	err     error
+	procErr error
 }
 
 // podUse is one pod's use of one GPU.
@@ -166,9 +168,19 @@ type idleKey struct {
 	device, namespace, pod, claim string
 }
 
+// keyOf keys a holder: a claim by itself (its pod may become known later), a pod by its name.
+func keyOf(device, namespace, pod, claim string) idleKey {
+	if claim != "" {
+		return idleKey{device: device, claim: claim}
+	}
+	return idleKey{device: device, namespace: namespace, pod: pod}
+}
+
 type idleState struct {
 	since    time.Time
 	reported bool
+	// h is the holding as last seen, to clear a report when the holding goes away.
+	h Holding
 }
 
 // Sampler samples the GPUs and holders of one front end and exports them.
@@ -252,7 +264,7 @@ func (s *Sampler) Sample(ctx context.Context) {
 			g.err = err
 		}
 		if g.procs, err = s.o.Lib.Processes(i); err != nil {
-			g.procs = nil
+			g.procs, g.procErr = nil, err
 		}
 		if !info.MigEnabled && len(g.procs) > 0 {
 			// NVML keeps per-process samples only outside MIG mode.
@@ -356,28 +368,45 @@ type idleReport struct {
 }
 
 // busy reports whether a holding's device is in use in this sample.
+// Whatever cannot be read counts as busy: a false idle report is worse than a late one.
 func (s *Sampler) busy(h Holding, g gpuSample, uses []podUse) bool {
-	if g.err != nil {
-		return true // unknown is not idle
-	}
-	if !h.Exclusive && h.GI < 0 && g.smOK && h.Pod != "" {
-		// A shared GPU with process samples: the holder is busy while its own processes are.
-		sm := 0
-		for _, u := range uses {
-			if u.gpu == h.GPU && u.namespace == h.Namespace && u.pod == h.Pod {
-				sm += u.smPercent
-			}
-		}
-		return sm > s.o.IdleUtilizationPercent
-	}
 	if h.GI >= 0 {
-		// NVML reports no utilization per MIG device: a MIG device is busy while a process runs on it.
+		// NVML reports no utilization per MIG device (nor for a GPU in MIG mode): a MIG device is
+		// busy while a process runs on it, whatever the GPU's other readings.
+		if g.procErr != nil {
+			return true
+		}
 		for _, p := range g.procs {
 			if p.GI == h.GI {
 				return true
 			}
 		}
 		return false
+	}
+	if g.err != nil || g.t.NoUtilization {
+		return true // unknown is not idle
+	}
+	if !h.Exclusive && g.smOK && h.Pod != "" {
+		// A shared GPU with process samples: the holder is busy while its own processes are. A
+		// process whose pod cannot be named might be the holder's: then the whole GPU decides.
+		sm, unnamed := 0, false
+		for _, u := range uses {
+			if u.gpu != h.GPU {
+				continue
+			}
+			if u.pod == "" && u.smPercent > 0 {
+				unnamed = true
+			}
+			if u.namespace == h.Namespace && u.pod == h.Pod {
+				sm += u.smPercent
+			}
+		}
+		if sm > s.o.IdleUtilizationPercent {
+			return true
+		}
+		if !unnamed {
+			return false
+		}
 	}
 	if g.t.UtilizationGPU > s.o.IdleUtilizationPercent {
 		return true
@@ -403,7 +432,7 @@ func (s *Sampler) trackIdleLocked(gpus []gpuSample, holdings []Holding, uses []p
 		if !h.Allocated() {
 			continue
 		}
-		k := idleKey{h.Device, h.Namespace, h.Pod, h.Claim}
+		k := keyOf(h.Device, h.Namespace, h.Pod, h.Claim)
 		seen[k] = true
 		g, ok := byGPU[h.GPU]
 		if !ok || s.busy(h, g, uses) || s.optedOut(h) {
@@ -419,6 +448,7 @@ func (s *Sampler) trackIdleLocked(gpus []gpuSample, holdings []Holding, uses []p
 			st = &idleState{since: now}
 			s.idle[k] = st
 		}
+		st.h = h
 		d := now.Sub(st.since)
 		s.idleFor[k] = d
 		if s.o.IdleWindow > 0 && d >= s.o.IdleWindow && !st.reported {
@@ -426,10 +456,18 @@ func (s *Sampler) trackIdleLocked(gpus []gpuSample, holdings []Holding, uses []p
 			reports = append(reports, idleReport{h: h, dur: d, gpu: g})
 		}
 	}
-	for k := range s.idle {
-		if !seen[k] {
-			delete(s.idle, k)
+	// A holder reported idle that is gone (released, or now known under its pod's name) is told
+	// it is no longer idle, so a claim's Idle condition does not outlive it.
+	for _, k := range slices.SortedFunc(maps.Keys(s.idle), func(a, b idleKey) int {
+		return strings.Compare(a.device+"\x00"+a.namespace+"\x00"+a.pod+"\x00"+a.claim, b.device+"\x00"+b.namespace+"\x00"+b.pod+"\x00"+b.claim)
+	}) {
+		if seen[k] {
+			continue
 		}
+		if st := s.idle[k]; st.reported {
+			reports = append(reports, idleReport{h: st.h, busyAgain: true})
+		}
+		delete(s.idle, k)
 	}
 	return reports
 }
@@ -486,7 +524,7 @@ func (s *Sampler) report(r idleReport) {
 func (s *Sampler) IdleFor(device, namespace, pod, claim string) time.Duration {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	return s.idleFor[idleKey{device, namespace, pod, claim}]
+	return s.idleFor[keyOf(device, namespace, pod, claim)]
 }
 
 var (
@@ -546,7 +584,9 @@ func (s *Sampler) Collect(ch chan<- prometheus.Metric) {
 			continue
 		}
 		ch <- prometheus.MustNewConstMetric(descGPUUp, prometheus.GaugeValue, 1, lv...)
-		ch <- prometheus.MustNewConstMetric(descGPUUtil, prometheus.GaugeValue, float64(g.t.UtilizationGPU), lv...)
+		if !g.t.NoUtilization {
+			ch <- prometheus.MustNewConstMetric(descGPUUtil, prometheus.GaugeValue, float64(g.t.UtilizationGPU), lv...)
+		}
 		ch <- prometheus.MustNewConstMetric(descGPUMem, prometheus.GaugeValue, float64(g.t.MemoryUsedMiB)*mib, lv...)
 		ch <- prometheus.MustNewConstMetric(descGPUTotal, prometheus.GaugeValue, float64(g.t.MemoryTotalMiB)*mib, lv...)
 		ch <- prometheus.MustNewConstMetric(descGPUPower, prometheus.GaugeValue, float64(g.t.PowerMilliwatts)/1000, lv...)
@@ -579,7 +619,7 @@ func (s *Sampler) Collect(ch chan<- prometheus.Metric) {
 			ch <- prometheus.MustNewConstMetric(descDevMem, prometheus.GaugeValue, float64(limit), lv...)
 		}
 		if h.Allocated() {
-			d := idleFor[idleKey{h.Device, h.Namespace, h.Pod, h.Claim}]
+			d := idleFor[keyOf(h.Device, h.Namespace, h.Pod, h.Claim)]
 			ch <- prometheus.MustNewConstMetric(descDevIdle, prometheus.GaugeValue, d.Seconds(), lv...)
 			w := 0.0
 			if s.o.IdleWindow > 0 && d >= s.o.IdleWindow {
@@ -606,7 +646,7 @@ func (s *Sampler) Collect(ch chan<- prometheus.Metric) {
 	// A pod that holds a whole GPU alone owns all of its utilization, processes or not.
 	for _, i := range slices.Sorted(maps.Keys(exclusive)) {
 		h, g := exclusive[i], byGPU[i]
-		if g.err != nil {
+		if g.err != nil || g.t.NoUtilization {
 			continue
 		}
 		uid := ""

@@ -595,10 +595,15 @@ func (a *adapter) Telemetry(index int) (Telemetry, error) {
 	}
 	var t Telemetry
 	u, ret := d.GetUtilizationRates()
-	if ret != nvml.SUCCESS {
+	switch ret {
+	case nvml.SUCCESS:
+		t.UtilizationGPU, t.UtilizationMemory = int(u.Gpu), int(u.Memory)
+	case nvml.ERROR_NOT_SUPPORTED:
+		// MIG mode: the other readings still exist.
+		t.NoUtilization = true
+	default:
 		return t, newErr("GetUtilizationRates", index, ret)
 	}
-	t.UtilizationGPU, t.UtilizationMemory = int(u.Gpu), int(u.Memory)
 	mem, ret := d.GetMemoryInfo()
 	if ret != nvml.SUCCESS {
 		return t, newErr("GetMemoryInfo", index, ret)

@@ -190,6 +190,9 @@ type Telemetry struct {
 	PowerMilliwatts   int    `json:"powerMilliwatts"`
 	TemperatureC      int    `json:"temperatureC"`
 	SMClockMHz        int    `json:"smClockMHz"`
+	// NoUtilization: NVML gives no utilization for this GPU (it does not in MIG mode); the
+	// utilization fields are zero and mean nothing.
+	NoUtilization bool `json:"noUtilization,omitempty"`
 }
 
 // ECCCounts are a GPU's ECC error counters.

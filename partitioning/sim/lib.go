@@ -473,6 +473,10 @@ func (d *device) GetUtilizationRates() (nvml.Utilization, nvml.Return) {
 	if ret != nvml.SUCCESS {
 		return nvml.Utilization{}, ret
 	}
+	if st.MigEnabled {
+		// As on hardware: NVML gives no utilization for a GPU in MIG mode.
+		return nvml.Utilization{}, nvml.ERROR_NOT_SUPPORTED
+	}
 	return nvml.Utilization{Gpu: uint32(st.Readings.UtilGPU), Memory: uint32(st.Readings.UtilMemory)}, nvml.SUCCESS
 }
 
