@@ -69,7 +69,9 @@ func (t *topology) sameNUMA(a, b int) bool {
 }
 
 // preferred picks size devices from available, including mustInclude. Unknown IDs are skipped; the
-// answer may be shorter than size only when too few known devices are available.
+// answer may be shorter than size only when too few known devices are available. It reads only the
+// table (immutable) and builds no map: a request costs one lookup per ID in the table's index and
+// a few slices the size of the table or of its parents.
 func (t *deviceTable) preferred(available, mustInclude []string, size int) []string {
 	if size <= 0 {
 		return nil
@@ -86,6 +88,14 @@ func (t *deviceTable) preferred(available, mustInclude []string, size int) []str
 	if len(must) >= size {
 		return t.idsAt(must[:size])
 	}
+	if !t.wholeOnly {
+		for _, id := range available {
+			if i, ok := t.pos[id]; ok && mark[i] == 0 {
+				mark[i] = 1
+			}
+		}
+		return t.idsAt(t.pickByParent(mark, must, size))
+	}
 	nAvail := 0
 	for _, id := range available {
 		if i, ok := t.pos[id]; ok && mark[i] == 0 {
@@ -99,10 +109,7 @@ func (t *deviceTable) preferred(available, mustInclude []string, size int) []str
 			avail = append(avail, i)
 		}
 	}
-	if t.wholeOnly {
-		return idsOf(t.pickConnected(t.devicesAt(must), t.devicesAt(avail), size))
-	}
-	return t.idsAt(t.pickByParent(must, avail, size))
+	return idsOf(t.pickConnected(t.devicesAt(must), t.devicesAt(avail), size))
 }
 
 func (t *deviceTable) idsAt(pos []int) []string {
@@ -196,17 +203,20 @@ func (t *deviceTable) score(ds []*Device) [2]int {
 // pickByParent chooses shared devices or MIG devices by the policy: each pick takes the next device
 // of the parent (GPU, or MIG device for its replicas) with the fewest (distributed) or most (packed)
 // devices in use or already picked. Devices in use are those of the table the kubelet did not list
-// as available. must and avail are table positions, avail in table order.
-func (t *deviceTable) pickByParent(must, avail []int, size int) []int {
+// as available. mark is preferred's (1: available, 2: required), must the required positions; a
+// parent's free devices are taken in table order, walking the table's precomputed members.
+func (t *deviceTable) pickByParent(mark []uint8, must []int, size int) []int {
 	n := len(t.total)
-	free := make([][]int, n)
-	for _, i := range avail {
-		p := t.parent[i]
-		free[p] = append(free[p], i)
+	// One allocation for the three per-parent counters: free devices, load, and the walk's cursor.
+	buf := make([]int, 3*n)
+	free, load, next := buf[:n], buf[n:2*n], buf[2*n:]
+	for i, m := range mark {
+		if m == 1 {
+			free[t.parent[i]]++
+		}
 	}
-	load := make([]int, n)
 	for p := range n {
-		load[p] = t.total[p] - len(free[p])
+		load[p] = t.total[p] - free[p]
 	}
 	picked := append(make([]int, 0, size), must...)
 	for _, i := range must {
@@ -215,7 +225,7 @@ func (t *deviceTable) pickByParent(must, avail []int, size int) []int {
 	for len(picked) < size {
 		best := -1
 		for p := range n {
-			if len(free[p]) == 0 {
+			if free[p] == 0 {
 				continue
 			}
 			switch {
@@ -230,8 +240,14 @@ func (t *deviceTable) pickByParent(must, avail []int, size int) []int {
 		if best < 0 {
 			break
 		}
-		picked = append(picked, free[best][0])
-		free[best] = free[best][1:]
+		ms := t.members[best]
+		k := next[best]
+		for mark[ms[k]] != 1 {
+			k++
+		}
+		picked = append(picked, ms[k])
+		next[best] = k + 1
+		free[best]--
 		load[best]++
 	}
 	return picked

@@ -61,7 +61,10 @@ type deviceTable struct {
 	pos    map[string]int
 	parent []int
 	total  []int
-	topo   *topology
+	// members are each parent's device positions in table order, for preferred allocation to walk
+	// a parent's free devices without building per-request lists.
+	members [][]int
+	topo    *topology
 }
 
 func newDeviceTable(resource string, devs []*Device, extras map[*Device]*deviceExtras, resp response, replicaPolicy, migPolicy Policy, topo *topology) *deviceTable {
@@ -85,6 +88,13 @@ func newDeviceTable(resource string, devs []*Device, extras map[*Device]*deviceE
 		}
 		t.parent[i] = p
 		t.total[p]++
+	}
+	t.members = make([][]int, len(t.total))
+	for p, n := range t.total {
+		t.members[p] = make([]int, 0, n)
+	}
+	for i, p := range t.parent {
+		t.members[p] = append(t.members[p], i)
 	}
 	if !anyShared && !t.wholeOnly {
 		t.policy = migPolicy

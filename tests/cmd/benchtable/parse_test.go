@@ -24,6 +24,7 @@ ok  	github.com/tessera-gpu/tessera/plugin	30.1s
 BenchmarkPrepareLatency/callers=1-2         	     200	   7135062 ns/op	       140.2 claims/s	        18.98 get-p50-µs	       301.2 get-p99-µs	        67.96 p99-x-get	      3586 prepare-p50-µs	     20467 prepare-p99-µs	       793.5 unprepare-p50-µs	      7647 unprepare-p99-µs
 BenchmarkPrepareLatency/callers=8-2         	     200	   4206076 ns/op	       637.8 claims/s	        17.45 get-p50-µs	     38161 get-p99-µs	         1.352 p99-x-get	     24064 prepare-p50-µs	     51592 prepare-p99-µs	      4560 unprepare-p50-µs	     20599 unprepare-p99-µs
 BenchmarkApplyAll1gDGXH100-2   	       3	 262497068 ns/op	         0.5421 ms-inspect	       252.0 ms-plan+apply	       464.9 x-inspect
+BenchmarkStartupReconcile56-2   	      20	  13780063 ns/op	         2.772 ms-read-checkpoints	        10.43 ms-reconcile	         3.762 x-read
 BenchmarkPacking-2   	    5889	    187160 ns/op	        57.00 gpus-bound	        80.00 gpus-mig	        62.00 gpus-shared	       200.0 gpus-whole	         1.404 mig-x-bound	       200.0 pods	         1.088 shared-x-bound	         3.509 whole-x-bound
 `
 
@@ -32,8 +33,8 @@ func TestParse(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if len(r) != 11 {
-		t.Errorf("%d benchmarks, want 11: %v", len(r), r)
+	if len(r) != 12 {
+		t.Errorf("%d benchmarks, want 12: %v", len(r), r)
 	}
 	if v, ok := r.get("BenchmarkAllocate/devices=800", "p99-µs"); !ok || v != 609 {
 		t.Errorf("Allocate 800 p99 = %v, %v", v, ok)
@@ -83,7 +84,7 @@ func find(t *testing.T, rows map[string]Row, prefix string) Row {
 }
 
 func TestRowsAndVerdicts(t *testing.T) {
-	rows := rowsOf(t, sample, Extra{RSSMB: 41.5, StartMs: 120})
+	rows := rowsOf(t, sample, Extra{RSSMB: 41.5, AnonMB: 8, FileMB: 33.5, StartMs: 120})
 	for _, c := range []struct{ prefix, verdict, measured string }{
 		{"Allocate p50 / p99, 8 devices", Pass, "24 µs / 212 µs"},
 		{"Allocate p50 / p99, 80 devices", Miss, "24 µs / 350 µs"},
@@ -91,13 +92,14 @@ func TestRowsAndVerdicts(t *testing.T) {
 		{"GetPreferredAllocation p50 / p99, NVML calls per request, 8 devices", Pass, ""},
 		{"GetPreferredAllocation p50 / p99, NVML calls per request, 80 devices", Miss, "35 µs / 582 µs, 0.5 calls"},
 		{"GetPreferredAllocation p50 / p99, NVML calls per request, 800 devices", Pass, "233 µs / 2.03 ms, 0 calls"},
-		{"RSS of tessera-device-plugin", Miss, "41.5 MB"},
+		{"RSS of tessera-device-plugin", Miss, "41.5 MB (anon 8 + file 33.5)"},
 		{"RSS of tessera-kubelet-plugin", NotMeasured, ""},
 		{"claims/s (Prepare + Unprepare), serial", NoTarget, "140"},
 		{"claims/s (Prepare + Unprepare), 8 parallel", "pass without API server (see the recorded row)", "638"},
 		{"claims/s, 8 callers, real API server", Miss + " (recorded)", "213"},
 		{"Prepare p99, 8 callers, real API server", Pass + " (recorded)", "61 ms"},
 		{"plan + apply all-1g", NoTarget, "252 ms"},
+		{"start-up reconcile with 56 prepared claims", NoTarget, "10.4 ms"},
 		{"pods/s, DRA dynamic MIG, 100 nodes", Miss + " (recorded)", "19.3"},
 		{"pods/s, DRA whole, 500 nodes", NoTarget, "33.4"},
 		{"H100 80GB GPUs used, 200 pods asking 5–40 GiB, memory shares", Pass, "62"},
@@ -110,6 +112,9 @@ func TestRowsAndVerdicts(t *testing.T) {
 		if c.measured != "" && r.Measured != c.measured {
 			t.Errorf("%s: measured %q, want %q", c.prefix, r.Measured, c.measured)
 		}
+	}
+	if r := find(t, rows, "start-up reconcile"); r.Baseline != "reading the 56 checkpoint files 2.77 ms" || r.Ratio != "3.76×" {
+		t.Errorf("reconcile row: %+v", r)
 	}
 	if r := find(t, rows, "H100 80GB GPUs used, 200 pods asking 5–40 GiB, memory"); r.Ratio != "1.09×" {
 		t.Errorf("packing ratio %q", r.Ratio)
@@ -134,11 +139,13 @@ func TestRowsAndVerdicts(t *testing.T) {
 }
 
 func TestParseVmRSS(t *testing.T) {
-	kb, err := parseVmRSS("Name:\tx\nVmPeak:\t  999 kB\nVmRSS:\t   18432 kB\nThreads: 9\n")
-	if err != nil || kb != 18432 {
-		t.Errorf("%d %v", kb, err)
+	const status = "Name:\tx\nVmPeak:\t  999 kB\nVmRSS:\t   18432 kB\nRssAnon:\t    6980 kB\nRssFile:\t   11452 kB\nThreads: 9\n"
+	for key, want := range map[string]int64{"VmRSS": 18432, "RssAnon": 6980, "RssFile": 11452} {
+		if kb, err := parseStatusKB(status, key); err != nil || kb != want {
+			t.Errorf("%s: %d %v", key, kb, err)
+		}
 	}
-	if _, err := parseVmRSS("Name: x\n"); err == nil {
+	if _, err := parseStatusKB("Name: x\n", "VmRSS"); err == nil {
 		t.Error("no VmRSS line parsed")
 	}
 }
