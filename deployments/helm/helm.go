@@ -150,7 +150,7 @@ type InstallOptions struct {
 	Namespace  string
 	Values     map[string]any
 	// Wait for the release's workloads to be ready (DaemonSets scheduled and available).
-	Wait    bool
+	Wait bool
 }
 
 // Install installs (or upgrades) the chart with the kubeconfig's cluster, creating the namespace.
