@@ -1,6 +1,13 @@
 // Package helm renders and installs Tessera's chart (deployments/helm/tessera) through the Helm Go
 // library: `make manifests` renders the static manifests with it, the unit tests lint and render
 // the chart with it, and the end-to-end test installs it on the local cluster with it.
+//
+// Never link this package into a binary (or test binary) that also links go-nvml (anything that
+// imports partitioning/nvmlib, profile, plugin, dra, ...): Helm brings kustomize, which imports Go's
+// plugin package, and a binary with the plugin package binds every symbol at start, so go-nvml's
+// NVML symbols, which are resolved only when libnvidia-ml is loaded, kill it at once ("symbol lookup
+// error: undefined symbol: nvml..."). The end-to-end tests therefore install through the
+// tessera-chart command, in its own process.
 package helm
 
 import (
@@ -168,6 +175,7 @@ func Install(ctx context.Context, dir string, o InstallOptions) (*release.Releas
 	}
 	inst := action.NewInstall(cfg)
 	inst.ReleaseName, inst.Namespace, inst.CreateNamespace = o.Release, o.Namespace, true
+	inst.WaitStrategy = kube.HookOnlyStrategy
 	if o.Wait {
 		inst.WaitStrategy = kube.StatusWatcherStrategy
 	}

@@ -220,7 +220,7 @@ func layerOf(files map[string]string) (v1.Layer, int64, error) {
 	}
 	b := buf.Bytes()
 	l, err := tarball.LayerFromOpener(func() (io.ReadCloser, error) { return io.NopCloser(bytes.NewReader(b)), nil },
-		tarball.WithMediaType(types.OCIUncompressedLayer))
+		tarball.WithMediaType(types.OCILayer)) // gzip: tarball compresses the layer it is given
 	return l, int64(len(b)), err
 }
 

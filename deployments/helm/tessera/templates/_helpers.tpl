@@ -52,6 +52,7 @@ into root-owned kubelet and CDI directories).
 {{- if . -}}
 privileged: true
 readOnlyRootFilesystem: true
+runAsUser: 0
 {{- else -}}
 privileged: false
 allowPrivilegeEscalation: false

@@ -1,0 +1,279 @@
+//go:build e2e
+
+package e2e
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"strings"
+	"testing"
+	"time"
+
+	appsv1 "k8s.io/api/apps/v1"
+	corev1 "k8s.io/api/core/v1"
+	resourcev1 "k8s.io/api/resource/v1"
+	"k8s.io/apimachinery/pkg/api/resource"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+
+	"github.com/tessera-gpu/tessera/deployments/image"
+	"github.com/tessera-gpu/tessera/dra"
+	"github.com/tessera-gpu/tessera/tests/e2e/framework"
+	"github.com/tessera-gpu/tessera/tests/harness"
+)
+
+// installImageRef names the image the test builds and imports; never pulled.
+const installImageRef = "ghcr.io/tessera-gpu/tessera:e2e"
+
+// buildImage builds stripped binaries and the image tarball (as make image does) and imports it
+// into the cluster's containerd.
+func buildImage(t *testing.T, ctx context.Context, c *harness.Cluster) image.Result {
+	t.Helper()
+	dir := t.TempDir()
+	var bins []string
+	for _, b := range []string{"tessera", "tessera-device-plugin", "tessera-kubelet-plugin", "tessera-webhook"} {
+		out := filepath.Join(dir, b)
+		build := exec.CommandContext(ctx, "go", "build", "-trimpath", "-ldflags=-s -w", "-o", out, "./cmd/"+b)
+		build.Dir = filepath.Join("..", "..")
+		if msg, err := build.CombinedOutput(); err != nil {
+			t.Fatalf("build %s: %v\n%s", b, err, msg)
+		}
+		bins = append(bins, out)
+	}
+	tarball := filepath.Join(dir, "tessera-image.tar")
+	res, err := image.Build(ctx, image.Options{Binaries: bins, Ref: installImageRef, Out: tarball})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.Ctr(ctx, "images", "import", tarball); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _, _ = c.Ctr(context.Background(), "images", "rm", installImageRef) })
+	return res
+}
+
+// Tessera installed for real: the chart, with the simulated-node preset and the image built here
+// (no Docker daemon), goes onto the local cluster through the Helm library; its DaemonSet pods run
+// in containerd, register with the real kubelet (device plugin resources, DRA ResourceSlices), and
+// workloads get their GPUs through both front ends; uninstalling leaves no Tessera resource on the
+// node.
+func TestHelmInstallOnLocalCluster(t *testing.T) {
+	c := framework.Cluster(t)
+	ns := framework.Namespace(t)
+	ctx := framework.Context(t, 8*time.Minute)
+
+	t0 := time.Now()
+	img := buildImage(t, ctx, c)
+	t.Logf("image %s (%d files, %.1f MB) built and imported in %s", img.Digest, len(img.Files), float64(img.Size)/1e6, time.Since(t0).Round(time.Second))
+
+	// Node state under a temporary dir; short MPS root (socket paths are limited to 107 bytes).
+	state := t.TempDir()
+	if err := os.Chmod(state, 0o755); err != nil { // workload containers read the simulated driver files
+		t.Fatal(err)
+	}
+	mpsRoot, err := os.MkdirTemp("", "e2e-helm-mps")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(mpsRoot) })
+	dpPort, kpPort := freePort(t), freePort(t)
+	overrides := map[string]any{
+		"image": map[string]any{"repository": strings.Split(installImageRef, ":")[0], "tag": "e2e", "pullPolicy": "Never"},
+		// This cluster has no kube-proxy: the pods reach the API server on the host's loopback.
+		"hostNetwork": true,
+		"env": []any{
+			map[string]any{"name": "KUBERNETES_SERVICE_HOST", "value": "127.0.0.1"},
+			map[string]any{"name": "KUBERNETES_SERVICE_PORT", "value": fmt.Sprint(c.Ports.APIServer)},
+		},
+		"nodeSelector": map[string]any{corev1.LabelHostname: c.NodeName},
+		"hostPaths": map[string]any{
+			"kubeletRoot": c.KubeletRootDir, "cdiDir": c.CDIDir, "stateDir": state, "mpsRoot": filepath.Join(mpsRoot, "m"),
+		},
+		"devicePlugin":  map[string]any{"metrics": map[string]any{"address": fmt.Sprintf("127.0.0.1:%d", dpPort)}},
+		"kubeletPlugin": map[string]any{"metrics": map[string]any{"address": fmt.Sprintf("127.0.0.1:%d", kpPort)}},
+		// The webhook's Service is not routable here (no kube-proxy): its e2e is webhook_test.go.
+		"webhook": map[string]any{"enabled": false},
+	}
+	valuesFile := filepath.Join(t.TempDir(), "e2e-values.json")
+	data, err := json.Marshal(overrides)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(valuesFile, data, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	release := "tessera"
+	chart := func(ctx context.Context, args ...string) (string, error) {
+		cmd := exec.CommandContext(ctx, "go", append([]string{"run", "./deployments/helm/cmd/tessera-chart"}, args...)...)
+		cmd.Dir = filepath.Join("..", "..")
+		out, err := cmd.CombinedOutput()
+		return string(out), err
+	}
+	t.Cleanup(func() {
+		if out, err := chart(context.Background(), "uninstall", "--kubeconfig", c.Kubeconfig, "--namespace", ns, "--release", release); err != nil {
+			t.Logf("uninstall: %v\n%s", err, out)
+		}
+		deleteDriverSlices(t, c)
+	})
+	// Helm runs in a process of its own: see deployments/helm's package comment.
+	t1 := time.Now()
+	out, err := chart(ctx, "install", "--kubeconfig", c.Kubeconfig, "--namespace", ns, "--release", release,
+		"-f", filepath.Join("deployments", "helm", "tessera", "values-sim.yaml"), "-f", valuesFile)
+	if err != nil {
+		t.Fatalf("install: %v\n%s", err, out)
+	}
+	t.Logf("%s in %s", strings.TrimSpace(out), time.Since(t1).Round(100*time.Millisecond))
+	t1 = time.Now()
+
+	// The DaemonSet pods run and are ready.
+	dsNames := []string{"tessera-device-plugin", "tessera-kubelet-plugin"}
+	err = harness.Poll(ctx, 200*time.Millisecond, func(ctx context.Context) (bool, error) {
+		for _, n := range dsNames {
+			ds, err := c.Client().AppsV1().DaemonSets(ns).Get(ctx, n, metav1.GetOptions{})
+			if err != nil {
+				return false, err
+			}
+			if ds.Status.DesiredNumberScheduled != 1 || ds.Status.NumberReady != 1 {
+				return false, nil
+			}
+		}
+		return true, nil
+	})
+	if err != nil {
+		t.Fatalf("DaemonSets not ready: %v\n%s", err, describeRelease(ctx, c, ns))
+	}
+	t.Logf("DaemonSet pods ready %s after install", time.Since(t1).Round(100*time.Millisecond))
+
+	// Registered with the real kubelet: GPUs 0-1 whole, 2-3 time-sliced 4 ways (device plugin);
+	// GPUs 4-7 as DRA devices in the node's ResourceSlices.
+	podResources := filepath.Join(c.KubeletRootDir, "pod-resources", "kubelet.sock")
+	want := map[string]int64{"nvidia.com/gpu": 2, "nvidia.com/gpu.shared": 8}
+	var why string
+	err = harness.Poll(ctx, 200*time.Millisecond, func(ctx context.Context) (bool, error) {
+		ok, w, err := allocatableIs(ctx, c, podResources, want)
+		why = w
+		return ok, err
+	})
+	if err != nil {
+		t.Fatalf("device plugin resources %v not advertised: %v (%s)\n%s", want, err, why, describeRelease(ctx, c, ns))
+	}
+	var slices []string
+	err = harness.Poll(ctx, 200*time.Millisecond, func(ctx context.Context) (bool, error) {
+		list, err := c.Client().ResourceV1().ResourceSlices().List(ctx, metav1.ListOptions{FieldSelector: "spec.driver=" + dra.DriverName})
+		if err != nil {
+			return false, err
+		}
+		slices = slices[:0]
+		for _, s := range list.Items {
+			if s.Spec.NodeName != nil && *s.Spec.NodeName == c.NodeName {
+				for _, d := range s.Spec.Devices {
+					slices = append(slices, d.Name)
+				}
+			}
+		}
+		return len(slices) == 4, nil
+	})
+	if err != nil {
+		t.Fatalf("ResourceSlices: %v (devices %v)\n%s", err, slices, describeRelease(ctx, c, ns))
+	}
+	t.Logf("registered %s after install: %v and DRA devices %v", time.Since(t1).Round(100*time.Millisecond), want, slices)
+
+	// The chart's DeviceClasses exist, owned by the release.
+	for _, dc := range []string{"gpu.tessera.dev", "mig.tessera.dev", "time-sliced.gpu.tessera.dev", "shared.gpu.tessera.dev"} {
+		got, err := c.Client().ResourceV1().DeviceClasses().Get(ctx, dc, metav1.GetOptions{})
+		if err != nil || got.Annotations["meta.helm.sh/release-name"] != release {
+			t.Errorf("DeviceClass %s: %v, annotations %v", dc, err, got.GetAnnotations())
+		}
+	}
+
+	// A device plugin workload and a DRA workload get their GPUs.
+	t.Run("ExtendedResource", func(t *testing.T) {
+		pod := harness.BusyboxPod(ns, "dp-user", "sh", "-c", `ls /dev/nvidia* && echo "visible=$NVIDIA_VISIBLE_DEVICES"`)
+		pod.Spec.Containers[0].Resources.Limits = corev1.ResourceList{"nvidia.com/gpu": resource.MustParse("1")}
+		if _, err := c.CreatePod(ctx, pod); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := c.WaitForPodPhase(ctx, ns, pod.Name, corev1.PodSucceeded); err != nil {
+			t.Fatalf("%v\n%s\n%s", err, c.DescribePod(ctx, ns, pod.Name), describeRelease(ctx, c, ns))
+		}
+		out, err := c.ReadContainerOutput(ctx, ns, pod.Name, "main")
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Logf("pod output:\n%s", out)
+		nodes := regexp.MustCompile(`(?m)^/dev/nvidia([0-9]+)$`).FindAllStringSubmatch(out, -1)
+		if len(nodes) != 1 || (nodes[0][1] != "0" && nodes[0][1] != "1") {
+			t.Errorf("the container sees GPU nodes %v, want one of the device plugin's whole GPUs 0-1", nodes)
+		}
+	})
+	t.Run("ResourceClaim", func(t *testing.T) {
+		tmpl := &resourcev1.ResourceClaimTemplate{
+			ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: "whole-gpu"},
+			Spec: resourcev1.ResourceClaimTemplateSpec{Spec: resourcev1.ResourceClaimSpec{Devices: resourcev1.DeviceClaim{
+				Requests: []resourcev1.DeviceRequest{{Name: "gpu", Exactly: &resourcev1.ExactDeviceRequest{DeviceClassName: "gpu.tessera.dev"}}},
+			}}},
+		}
+		if _, err := c.CreateResourceClaimTemplate(ctx, tmpl); err != nil {
+			t.Fatal(err)
+		}
+		pod := claimPod(ns, "dra-user", tmpl.Name, "sh", "-c", `ls /dev/nvidia*`)
+		if _, err := c.CreatePod(ctx, pod); err != nil {
+			t.Fatal(err)
+		}
+		claim := podClaim(t, ctx, c, ns, pod.Name)
+		res := claim.Status.Allocation.Devices.Results
+		if len(res) != 1 || res[0].Driver != dra.DriverName || res[0].Pool != c.NodeName {
+			t.Fatalf("allocation %+v", res)
+		}
+		if _, err := c.WaitForPodPhase(ctx, ns, pod.Name, corev1.PodSucceeded); err != nil {
+			t.Fatalf("%v\n%s\n%s", err, c.DescribePod(ctx, ns, pod.Name), describeRelease(ctx, c, ns))
+		}
+		out, err := c.ReadContainerOutput(ctx, ns, pod.Name, "main")
+		if err != nil {
+			t.Fatal(err)
+		}
+		minor := strings.TrimPrefix(res[0].Device, "gpu-")
+		nodes := regexp.MustCompile(`(?m)^/dev/nvidia([0-9]+)$`).FindAllStringSubmatch(out, -1)
+		if len(nodes) != 1 || nodes[0][1] != minor {
+			t.Errorf("the container sees GPU nodes %v, want only /dev/nvidia%s (output %q)", nodes, minor, out)
+		}
+	})
+
+	// The daemons serve /metrics from their pods (host network here).
+	for _, port := range []int{dpPort, kpPort} {
+		page, err := scrape(ctx, fmt.Sprintf("http://127.0.0.1:%d/metrics", port))
+		if err != nil || !strings.Contains(page, "tessera_device_allocated") {
+			t.Errorf("metrics on port %d: %v (%d bytes)", port, err, len(page))
+		}
+	}
+}
+
+// describeRelease says what the release's pods are doing, with their logs.
+func describeRelease(ctx context.Context, c *harness.Cluster, ns string) string {
+	var b strings.Builder
+	pods, err := c.Client().CoreV1().Pods(ns).List(ctx, metav1.ListOptions{LabelSelector: "app.kubernetes.io/instance=tessera"})
+	if err != nil {
+		return err.Error()
+	}
+	for _, p := range pods.Items {
+		b.WriteString(c.DescribePod(ctx, ns, p.Name))
+		for _, ct := range p.Spec.Containers {
+			logs, err := c.PodLogs(ctx, ns, p.Name, ct.Name)
+			fmt.Fprintf(&b, "--- logs %s/%s (%v):\n%s\n", p.Name, ct.Name, err, tail(logs, 30))
+		}
+	}
+	dss, _ := c.Client().AppsV1().DaemonSets(ns).List(ctx, metav1.ListOptions{})
+	for _, ds := range dss.Items {
+		fmt.Fprintf(&b, "DaemonSet %s: %s\n", ds.Name, dsStatus(ds))
+	}
+	return b.String()
+}
+
+func dsStatus(ds appsv1.DaemonSet) string {
+	s := ds.Status
+	return fmt.Sprintf("desired %d current %d ready %d available %d", s.DesiredNumberScheduled, s.CurrentNumberScheduled, s.NumberReady, s.NumberAvailable)
+}
