@@ -19,6 +19,7 @@ import (
 	resourcev1 "k8s.io/api/resource/v1"
 	"k8s.io/apimachinery/pkg/api/resource"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/runtime"
 
 	"github.com/tessera-gpu/tessera/deployments/image"
 	"github.com/tessera-gpu/tessera/dra"
@@ -95,8 +96,9 @@ func TestHelmInstallOnLocalCluster(t *testing.T) {
 		},
 		"devicePlugin":  map[string]any{"metrics": map[string]any{"address": fmt.Sprintf("127.0.0.1:%d", dpPort)}},
 		"kubeletPlugin": map[string]any{"metrics": map[string]any{"address": fmt.Sprintf("127.0.0.1:%d", kpPort)}},
-		// The webhook's Service is not routable here (no kube-proxy): its e2e is webhook_test.go.
-		"webhook": map[string]any{"enabled": false},
+		// The API server reaches the webhook at its pod's IP (--enable-aggregator-routing): only
+		// this test's namespace is validated, so other tests never depend on it.
+		"webhook": map[string]any{"namespaceSelector": map[string]any{"matchLabels": map[string]any{"kubernetes.io/metadata.name": ns}}},
 	}
 	valuesFile := filepath.Join(t.TempDir(), "e2e-values.json")
 	data, err := json.Marshal(overrides)
@@ -129,9 +131,13 @@ func TestHelmInstallOnLocalCluster(t *testing.T) {
 	t.Logf("%s in %s", strings.TrimSpace(out), time.Since(t1).Round(100*time.Millisecond))
 	t1 = time.Now()
 
-	// The DaemonSet pods run and are ready.
+	// The DaemonSet pods and the webhook run and are ready.
 	dsNames := []string{"tessera-device-plugin", "tessera-kubelet-plugin"}
 	err = harness.Poll(ctx, 200*time.Millisecond, func(ctx context.Context) (bool, error) {
+		wh, err := c.Client().AppsV1().Deployments(ns).Get(ctx, "tessera-webhook", metav1.GetOptions{})
+		if err != nil || wh.Status.ReadyReplicas != 1 {
+			return false, err
+		}
 		for _, n := range dsNames {
 			ds, err := c.Client().AppsV1().DaemonSets(ns).Get(ctx, n, metav1.GetOptions{})
 			if err != nil {
@@ -144,9 +150,9 @@ func TestHelmInstallOnLocalCluster(t *testing.T) {
 		return true, nil
 	})
 	if err != nil {
-		t.Fatalf("DaemonSets not ready: %v\n%s", err, describeRelease(ctx, c, ns))
+		t.Fatalf("DaemonSets and webhook not ready: %v\n%s", err, describeRelease(ctx, c, ns))
 	}
-	t.Logf("DaemonSet pods ready %s after install", time.Since(t1).Round(100*time.Millisecond))
+	t.Logf("DaemonSet and webhook pods ready %s after install", time.Since(t1).Round(100*time.Millisecond))
 
 	// Registered with the real kubelet: GPUs 0-1 whole, 2-3 time-sliced 4 ways (device plugin);
 	// GPUs 4-7 as DRA devices in the node's ResourceSlices.
@@ -240,6 +246,31 @@ func TestHelmInstallOnLocalCluster(t *testing.T) {
 		nodes := regexp.MustCompile(`(?m)^/dev/nvidia([0-9]+)$`).FindAllStringSubmatch(out, -1)
 		if len(nodes) != 1 || nodes[0][1] != minor {
 			t.Errorf("the container sees GPU nodes %v, want only /dev/nvidia%s (output %q)", nodes, minor, out)
+		}
+	})
+
+	// The webhook, with the certificate the chart made, refuses a bad profile and bad claim
+	// parameters at admission, naming the field.
+	t.Run("Webhook", func(t *testing.T) {
+		bad := &corev1.ConfigMap{ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: "bad-profiles",
+			Labels: map[string]string{"tessera.dev/sharing-profiles": "true"}},
+			Data: map[string]string{"default": "apiVersion: tessera.dev/v1alpha1\nkind: SharingProfile\nspec:\n  defaults: {owner: device-plugin, mode: time-sliced, timeSlicing: {replicas: 0}}\n"}}
+		_, err := c.Client().CoreV1().ConfigMaps(ns).Create(ctx, bad, metav1.CreateOptions{})
+		if err == nil || !strings.Contains(err.Error(), "denied the request") || !strings.Contains(err.Error(), "replicas") {
+			t.Errorf("bad profile ConfigMap: %v, want a denial naming replicas", err)
+		}
+		claim := &resourcev1.ResourceClaim{ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: "bad-params"},
+			Spec: resourcev1.ResourceClaimSpec{Devices: resourcev1.DeviceClaim{
+				Requests: []resourcev1.DeviceRequest{{Name: "gpu", Exactly: &resourcev1.ExactDeviceRequest{DeviceClassName: "gpu.tessera.dev"}}},
+				Config: []resourcev1.DeviceClaimConfiguration{{Requests: []string{"gpu"}, DeviceConfiguration: resourcev1.DeviceConfiguration{
+					Opaque: &resourcev1.OpaqueDeviceConfiguration{Driver: dra.DriverName, Parameters: runtime.RawExtension{Raw: []byte(`{"apiVersion":"gpu.tessera.dev/v1alpha1","kind":"GPUConfig","sharing":{"strategy":"MPS","mps":{"defaultActiveThreadPercentage":150}}}`)}},
+				}}},
+			}}}
+		_, err = c.Client().ResourceV1().ResourceClaims(ns).Create(ctx, claim, metav1.CreateOptions{})
+		if err == nil || !strings.Contains(err.Error(), "denied the request") {
+			t.Errorf("claim with bad parameters: %v, want a denial", err)
+		} else {
+			t.Logf("denied: %v", err)
 		}
 	})
 

@@ -539,6 +539,9 @@ leaderElection:
 			"--service-account-issuer=https://kubernetes.default.svc", "--service-account-key-file=" + p.SAPub,
 			"--service-account-signing-key-file=" + p.SAKey,
 			"--service-cluster-ip-range=10.0.0.0/24",
+			// No kube-proxy here: webhooks (and aggregated APIs) are reached at their endpoints'
+			// pod IPs on the bridge, not at Service IPs.
+			"--enable-aggregator-routing=true",
 			"--enable-priority-and-fairness=false",
 			"--allow-privileged=true",
 			"--kubelet-preferred-address-types=Hostname,InternalIP",

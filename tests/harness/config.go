@@ -161,7 +161,10 @@ disabled_plugins = ["io.containerd.nri.v1.nri", "io.containerd.snapshotter.v1.bt
 	)
 }
 
-// cniConfig is a bridge without gateway, masquerade or route out: pods reach only each other.
+// cniConfig is a bridge with neither masquerade nor a route out: pods reach each other and the
+// host on the bridge's address, and the host reaches them (the kubelet's HTTP probes, the API
+// server's webhook calls), but nothing beyond the machine. isGateway gives the bridge its address;
+// the pods get no default route (no isDefaultGateway, no IPAM routes).
 func (c *Cluster) cniConfig() string {
 	return fmt.Sprintf(`{
   "cniVersion": "1.0.0",
@@ -170,7 +173,7 @@ func (c *Cluster) cniConfig() string {
     {
       "type": "bridge",
       "bridge": %q,
-      "isGateway": false,
+      "isGateway": true,
       "ipMasq": false,
       "hairpinMode": false,
       "ipam": {
