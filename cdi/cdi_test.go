@@ -351,6 +351,34 @@ func TestCommonEdits(t *testing.T) {
 	}
 }
 
+// A plugin in a container reads the driver's files where it mounted the host's driver root, but the
+// specs name the host's paths, which the runtime resolves.
+func TestHostDriverRoot(t *testing.T) {
+	e := newEnv(t, "")
+	const hostRoot = "/run/nvidia/driver"
+	c := e.generator(t, cdi.WithHostDriverRoot(hostRoot)).CommonEdits()
+	if len(c.Mounts) == 0 {
+		t.Fatal("no mounts")
+	}
+	for _, m := range c.Mounts {
+		if !strings.HasPrefix(m.HostPath, hostRoot+"/") {
+			t.Errorf("mount %s from %s, want a host path under %s", m.ContainerPath, m.HostPath, hostRoot)
+		}
+		if strings.Contains(m.HostPath, e.host.DriverRoot()) {
+			t.Errorf("mount %s names the plugin's view %s", m.ContainerPath, m.HostPath)
+		}
+	}
+	// Without it, the driver root is the host's.
+	for _, m := range e.generator(t).CommonEdits().Mounts {
+		if !strings.HasPrefix(m.HostPath, e.host.DriverRoot()) {
+			t.Errorf("mount %s from %s, want under %s", m.ContainerPath, m.HostPath, e.host.DriverRoot())
+		}
+	}
+	if _, err := cdi.New(e.options(cdi.WithHostDriverRoot("relative/dir"))...); err == nil || !strings.Contains(err.Error(), "host driver root") {
+		t.Errorf("relative host driver root: %v", err)
+	}
+}
+
 // Missing things are errors that name the path.
 func TestErrorsNamePaths(t *testing.T) {
 	e := newEnv(t, "gpu1-all-1g")

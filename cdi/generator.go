@@ -90,7 +90,7 @@ func New(opts ...Option) (*Generator, error) {
 	if err := g.discover(); err != nil {
 		return nil, fmt.Errorf("cdi: %w", err)
 	}
-	klog.V(2).InfoS("CDI generator ready", "kind", cfg.vendorClass, "driverRoot", cfg.driverRoot,
+	klog.V(2).InfoS("CDI generator ready", "kind", cfg.vendorClass, "driverRoot", cfg.driverRoot, "hostDriverRoot", cfg.hostDriverRoot,
 		"containerDriverRoot", cfg.containerDriverRoot, "devRoot", cfg.devRoot, "driverVersion", g.driverVersion,
 		"mounts", len(g.common.Mounts), "hooks", len(g.common.Hooks))
 	return g, nil
@@ -321,7 +321,7 @@ func (g *Generator) controlNodes() ([]*specs.DeviceNode, error) {
 // container driver root.
 func (g *Generator) mount(rel string) *specs.Mount {
 	return &specs.Mount{
-		HostPath:      filepath.Join(g.cfg.driverRoot, rel),
+		HostPath:      filepath.Join(g.cfg.hostDriverRoot, rel),
 		ContainerPath: filepath.Join(g.cfg.containerDriverRoot, rel),
 		Options:       slices.Clone(mountOptions),
 	}
@@ -483,12 +483,11 @@ func (g *Generator) ipcSockets() []*specs.Mount {
 	var out []*specs.Mount
 	for _, sock := range []string{"nvidia-persistenced/socket", "nvidia-fabricmanager/socket"} {
 		for _, run := range []string{"run", "var/run"} {
-			hostPath := filepath.Join(g.cfg.driverRoot, run, sock)
-			if _, err := os.Stat(hostPath); err != nil {
+			if _, err := os.Stat(filepath.Join(g.cfg.driverRoot, run, sock)); err != nil {
 				continue
 			}
 			out = append(out, &specs.Mount{
-				HostPath:      hostPath,
+				HostPath:      filepath.Join(g.cfg.hostDriverRoot, run, sock),
 				ContainerPath: filepath.Join("/run", sock),
 				Options:       slices.Clone(mountOptions),
 			})

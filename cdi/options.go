@@ -27,6 +27,7 @@ type Option func(*config)
 
 type config struct {
 	driverRoot          string
+	hostDriverRoot      string
 	containerDriverRoot string
 	devRoot             string
 	procRoot            string
@@ -57,6 +58,12 @@ func defaultConfig() config {
 // It is "/" for a driver installed on the host and /run/nvidia/driver under the GPU operator. Mounts
 // in the specs name host paths under it. Default "/".
 func WithDriverRoot(dir string) Option { return func(c *config) { c.driverRoot = dir } }
+
+// WithHostDriverRoot sets the driver root's path on the host when this process sees it elsewhere (a
+// container that mounts the host's /run/nvidia/driver, or /, at /driver-root reads the driver's
+// files at WithDriverRoot and must still name host paths in the specs the runtime reads). Default:
+// the driver root.
+func WithHostDriverRoot(dir string) Option { return func(c *config) { c.hostDriverRoot = dir } }
 
 // WithContainerDriverRoot sets where containers see the driver root: a library found at
 // <driver root>/usr/lib/x86_64-linux-gnu/libcuda.so.570.133.20 is mounted at
@@ -124,11 +131,15 @@ func defaultLibDirs(goarch string) []string {
 
 // normalize checks the options and makes the roots absolute and clean.
 func (c *config) normalize() error {
+	if c.hostDriverRoot == "" {
+		c.hostDriverRoot = c.driverRoot
+	}
 	for _, p := range []struct {
 		name string
 		v    *string
 	}{
 		{"driver root", &c.driverRoot},
+		{"host driver root", &c.hostDriverRoot},
 		{"container driver root", &c.containerDriverRoot},
 		{"dev root", &c.devRoot},
 		{"proc root", &c.procRoot},

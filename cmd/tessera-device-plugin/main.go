@@ -45,6 +45,7 @@ type options struct {
 	metricsAddress      string
 	podResourcesSocket  string
 	driverRoot          string
+	hostDriverRoot      string
 	containerDriverRoot string
 	devRoot             string
 	procRoot            string
@@ -74,6 +75,7 @@ func (o *options) addFlags(fs *pflag.FlagSet) {
 	fs.StringVar(&o.metricsAddress, "metrics-address", "", "address to serve /metrics and /healthz on, e.g. 127.0.0.1:9400; empty: none")
 	fs.StringVar(&o.podResourcesSocket, "pod-resources-socket", "auto", "the kubelet's PodResources socket, which says which devices are in use (auto: <kubelet root>/pod-resources/kubelet.sock, the kubelet root being the parent of --device-plugin-dir; none: no such socket, changes apply at once)")
 	fs.StringVar(&o.driverRoot, "driver-root", "/", "host directory the NVIDIA driver is installed under (a simulated node: its host)")
+	fs.StringVar(&o.hostDriverRoot, "host-driver-root", "", "the driver root's path on the host when this process sees it at --driver-root (a container that mounts the host's driver root there); CDI specs name host paths under it (default: --driver-root)")
 	fs.StringVar(&o.containerDriverRoot, "container-driver-root", "/", "where containers see the driver root")
 	fs.StringVar(&o.devRoot, "dev-root", "/dev", "host directory of the NVIDIA device nodes")
 	fs.StringVar(&o.procRoot, "proc-root", "/proc", "host procfs")
@@ -130,6 +132,7 @@ func run(ctx context.Context, o options, started func(*plugin.Plugin)) error {
 	if o.mpsDaemons != "start" && o.mpsDaemons != "attach" {
 		return fmt.Errorf("--mps-daemons %q: use start or attach", o.mpsDaemons)
 	}
+	o.backend.DriverRoot = o.driverRoot
 	lib, node, err := o.backend.Open()
 	if err != nil {
 		if !failOnInitError(o.configFile) {
@@ -255,7 +258,7 @@ func run(ctx context.Context, o options, started func(*plugin.Plugin)) error {
 }
 
 func newCDI(o options, lib nvmlib.Interface) (*cdi.Generator, error) {
-	gopts := []cdi.Option{cdi.WithDriverRoot(o.driverRoot), cdi.WithContainerDriverRoot(o.containerDriverRoot),
+	gopts := []cdi.Option{cdi.WithDriverRoot(o.driverRoot), cdi.WithHostDriverRoot(o.hostDriverRoot), cdi.WithContainerDriverRoot(o.containerDriverRoot),
 		cdi.WithDevRoot(o.devRoot), cdi.WithProcRoot(o.procRoot), cdi.WithSpecDir(o.cdiDir), cdi.WithHookPath(o.hookPath)}
 	if sys, err := lib.System(); err == nil && sys.DriverVersion != "" {
 		gopts = append(gopts, cdi.WithDriverVersion(sys.DriverVersion))

@@ -46,6 +46,7 @@ type options struct {
 	metricsAddress      string
 	telemetry           telemetry.Flags
 	driverRoot          string
+	hostDriverRoot      string
 	containerDriverRoot string
 	devRoot             string
 	procRoot            string
@@ -72,6 +73,7 @@ func (o *options) addFlags(fs *pflag.FlagSet) {
 	fs.StringVar(&o.configFile, "config-file", "", "sharing profile file (a key of the mounted profile ConfigMap); watched for changes. Without it every GPU is DRA's: whole, or its existing MIG devices when MIG mode is on")
 	fs.StringVar(&o.metricsAddress, "metrics-address", "", "host:port to serve /metrics and /healthz on (empty: off)")
 	fs.StringVar(&o.driverRoot, "driver-root", "/", "host directory the driver's files are installed under (/run/nvidia/driver under the GPU operator); simulated nodes: the simulator's host")
+	fs.StringVar(&o.hostDriverRoot, "host-driver-root", "", "the driver root's path on the host when this process sees it at --driver-root (a container that mounts the host's driver root there); CDI specs name host paths under it (default: --driver-root)")
 	fs.StringVar(&o.containerDriverRoot, "container-driver-root", "/", "where containers see the driver root")
 	fs.StringVar(&o.devRoot, "dev-root", "/dev", "host directory holding the NVIDIA device nodes")
 	fs.StringVar(&o.procRoot, "proc-root", "/proc", "host procfs")
@@ -128,6 +130,7 @@ func run(ctx context.Context, o options, started func(*dra.Driver)) error {
 	if err := o.telemetry.Validate(); err != nil {
 		return err
 	}
+	o.backend.DriverRoot = o.driverRoot
 	lib, node, err := o.backend.Open()
 	if err != nil {
 		return err
@@ -168,7 +171,7 @@ func run(ctx context.Context, o options, started func(*dra.Driver)) error {
 	if err != nil {
 		return err
 	}
-	gen, err := cdi.New(cdi.WithDriverRoot(o.driverRoot), cdi.WithContainerDriverRoot(o.containerDriverRoot),
+	gen, err := cdi.New(cdi.WithDriverRoot(o.driverRoot), cdi.WithHostDriverRoot(o.hostDriverRoot), cdi.WithContainerDriverRoot(o.containerDriverRoot),
 		cdi.WithDevRoot(o.devRoot), cdi.WithProcRoot(o.procRoot), cdi.WithSpecDir(o.cdiDir),
 		cdi.WithHookPath(o.hookPath), cdi.WithDriverVersion(sys.DriverVersion))
 	if err != nil {

@@ -27,7 +27,14 @@ type Options struct {
 	NVML string
 	// SimStateDir is a simulated node's state directory ("" for the default).
 	SimStateDir string
+	// DriverRoot is where this process sees the NVIDIA driver's files; libnvidia-ml is loaded from
+	// under it when it is not / ("" : env TESSERA_DRIVER_ROOT, else the loader's search).
+	DriverRoot string
 }
+
+// EnvDriverRoot names the driver root for commands without a --driver-root flag (the MIG manager in
+// a container that mounts the host's driver root).
+const EnvDriverRoot = "TESSERA_DRIVER_ROOT"
 
 // AddFlags registers --nvml and --sim-state-dir, defaulting to the environment.
 func (o *Options) AddFlags(fs *pflag.FlagSet) {
@@ -47,7 +54,11 @@ func (o Options) Simulated() bool { return o.NVML != "real" }
 // operations (nil on real hardware).
 func (o Options) Open() (nvmlib.Interface, *sim.Node, error) {
 	if o.NVML == "" || o.NVML == "real" {
-		lib, err := nvmlib.OpenReal()
+		root := o.DriverRoot
+		if root == "" {
+			root = os.Getenv(EnvDriverRoot)
+		}
+		lib, err := nvmlib.OpenReal(root)
 		return lib, nil, err
 	}
 	if !strings.HasPrefix(o.NVML, "sim:") && !strings.HasPrefix(o.NVML, "sim-file:") {

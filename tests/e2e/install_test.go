@@ -15,11 +15,15 @@ import (
 	"time"
 
 	appsv1 "k8s.io/api/apps/v1"
+	authenticationv1 "k8s.io/api/authentication/v1"
 	corev1 "k8s.io/api/core/v1"
 	resourcev1 "k8s.io/api/resource/v1"
 	"k8s.io/apimachinery/pkg/api/resource"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/runtime"
+	"k8s.io/apimachinery/pkg/types"
+	"k8s.io/client-go/kubernetes"
+	"k8s.io/utils/ptr"
 
 	"github.com/tessera-gpu/tessera/deployments/image"
 	"github.com/tessera-gpu/tessera/dra"
@@ -271,6 +275,72 @@ func TestHelmInstallOnLocalCluster(t *testing.T) {
 			t.Errorf("claim with bad parameters: %v, want a denial", err)
 		} else {
 			t.Logf("denied: %v", err)
+		}
+	})
+
+	// Node-scoped writes: with its own pod-bound token, the kubelet plugin may write its node's
+	// ResourceSlices but not another node's, and the device plugin may set its GPU labels on its
+	// own Node but no other label.
+	t.Run("NodeScopedPolicies", func(t *testing.T) {
+		as := func(sa, component string) kubernetes.Interface {
+			pods, err := c.Client().CoreV1().Pods(ns).List(ctx, metav1.ListOptions{LabelSelector: "app.kubernetes.io/component=" + component})
+			if err != nil || len(pods.Items) != 1 {
+				t.Fatalf("pods of %s: %v %d", component, err, len(pods.Items))
+			}
+			p := pods.Items[0]
+			tr, err := c.Client().CoreV1().ServiceAccounts(ns).CreateToken(ctx, sa, &authenticationv1.TokenRequest{Spec: authenticationv1.TokenRequestSpec{
+				BoundObjectRef: &authenticationv1.BoundObjectReference{Kind: "Pod", APIVersion: "v1", Name: p.Name, UID: p.UID},
+			}}, metav1.CreateOptions{})
+			if err != nil {
+				t.Fatal(err)
+			}
+			cfg := c.RESTConfig()
+			cfg.BearerToken, cfg.BearerTokenFile = tr.Status.Token, ""
+			cfg.Username, cfg.Password, cfg.CertFile, cfg.KeyFile, cfg.CertData, cfg.KeyData = "", "", "", "", nil, nil
+			cs, err := kubernetes.NewForConfig(cfg)
+			if err != nil {
+				t.Fatal(err)
+			}
+			return cs
+		}
+		kp := as("tessera-kubelet-plugin", "kubelet-plugin")
+		slice := func(node string) *resourcev1.ResourceSlice {
+			return &resourcev1.ResourceSlice{ObjectMeta: metav1.ObjectMeta{GenerateName: "policy-test-"},
+				Spec: resourcev1.ResourceSliceSpec{Driver: dra.DriverName, NodeName: ptr.To(node),
+					Pool: resourcev1.ResourcePool{Name: "policy-test-" + node, ResourceSliceCount: 1}}}
+		}
+		_, err := kp.ResourceV1().ResourceSlices().Create(ctx, slice("some-other-node"), metav1.CreateOptions{})
+		if err == nil || !strings.Contains(err.Error(), "may not write a ResourceSlice of node") {
+			t.Errorf("kubelet plugin writing another node's slice: %v, want the policy's denial", err)
+		}
+		own, err := kp.ResourceV1().ResourceSlices().Create(ctx, slice(c.NodeName), metav1.CreateOptions{})
+		if err != nil {
+			t.Errorf("kubelet plugin writing its own node's slice: %v", err)
+		} else {
+			_ = c.Client().ResourceV1().ResourceSlices().Delete(ctx, own.Name, metav1.DeleteOptions{})
+		}
+		if _, err := kp.CoreV1().Secrets(ns).List(ctx, metav1.ListOptions{}); err == nil {
+			t.Error("the kubelet plugin may list Secrets")
+		}
+		dp := as("tessera-device-plugin", "device-plugin")
+		patch := func(labels string) error {
+			_, err := dp.CoreV1().Nodes().Patch(ctx, c.NodeName, types.MergePatchType, []byte(`{"metadata":{"labels":{`+labels+`}}}`), metav1.PatchOptions{})
+			return err
+		}
+		node, err := c.Client().CoreV1().Nodes().Get(ctx, c.NodeName, metav1.GetOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		replicas := node.Labels["nvidia.com/gpu.replicas"]
+		if err := patch(`"nvidia.com/gpu.replicas":"99"`); err != nil {
+			t.Errorf("device plugin setting its GPU label on its node: %v", err)
+		}
+		if err := patch(`"nvidia.com/gpu.replicas":"` + replicas + `"`); err != nil {
+			t.Errorf("device plugin restoring its GPU label: %v", err)
+		}
+		if err := patch(`"node-role.kubernetes.io/control-plane":""`); err == nil || !strings.Contains(err.Error(), "may only change its own labels") {
+			t.Errorf("device plugin setting another label: %v, want the policy's denial", err)
+			_ = patch(`"node-role.kubernetes.io/control-plane":null`)
 		}
 	})
 
