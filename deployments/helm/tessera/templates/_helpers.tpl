@@ -75,6 +75,10 @@ seccompProfile:
 {{- if include "tessera.simNode" . }}
 - name: TESSERA_SIM_STATE
   value: {{ include "tessera.simStateDir" . | quote }}
+{{- else }}
+# libnvidia-ml comes from the host's driver root, mounted here.
+- name: TESSERA_DRIVER_ROOT
+  value: /driver-root
 {{- end }}
 {{- with .Values.env }}
 {{ toYaml . }}
