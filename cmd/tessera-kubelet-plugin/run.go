@@ -70,7 +70,7 @@ func (o *options) addFlags(fs *pflag.FlagSet) {
 	fs.StringVar(&o.pluginsDir, "kubelet-plugins-dir", kubeletplugin.KubeletPluginsDir, "where plugins keep their sockets; the DRA socket is in <dir>/"+dra.DriverName)
 	fs.StringVar(&o.cdiDir, "cdi-dir", cdi.DefaultSpecDir, "where the container runtime reads CDI specs; the per-claim specs go there")
 	fs.StringVar(&o.stateDir, "state-dir", "/var/lib/tessera/dra", "persistent directory for the claim checkpoints and GPU lock files")
-	fs.StringVar(&o.configFile, "config-file", "", "sharing profile file (a key of the mounted profile ConfigMap); watched for changes. Without it every GPU is DRA's: whole, or its existing MIG devices when MIG mode is on")
+	fs.StringVar(&o.configFile, "config-file", "", "the mounted profile ConfigMap (a directory: the node label tessera.dev/sharing-profile or nvidia.com/device-plugin.config picks the key, else \"default\", as for the device plugin) or one profile file; watched for changes. Without it every GPU is DRA's: whole, or its existing MIG devices when MIG mode is on")
 	fs.StringVar(&o.metricsAddress, "metrics-address", "", "host:port to serve /metrics and /healthz on (empty: off)")
 	fs.StringVar(&o.driverRoot, "driver-root", "/", "host directory the driver's files are installed under (/run/nvidia/driver under the GPU operator); simulated nodes: the simulator's host")
 	fs.StringVar(&o.hostDriverRoot, "host-driver-root", "", "the driver root's path on the host when this process sees it at --driver-root (a container that mounts the host's driver root there); CDI specs name host paths under it (default: --driver-root)")
@@ -188,8 +188,17 @@ func run(ctx context.Context, o options, started func(*dra.Driver)) error {
 	var watcher *profile.Watcher
 	var res *api.Resolution
 	if o.configFile != "" {
-		watcher, err = profile.NewWatcher(profile.Options{Dir: filepath.Dir(o.configFile), DefaultProfile: filepath.Base(o.configFile),
-			Events: events, GPUs: gpus})
+		popts := profile.Options{Dir: filepath.Dir(o.configFile), DefaultProfile: filepath.Base(o.configFile), Events: events, GPUs: gpus}
+		if st, err := os.Stat(o.configFile); err == nil && st.IsDir() {
+			// The mounted ConfigMap: the node's label picks the profile, as for the device plugin,
+			// so both front ends always agree on which GPUs are whose.
+			labels, err := profile.WatchNodeLabels(ctx, client, o.nodeName, 30*time.Second)
+			if err != nil {
+				return err
+			}
+			popts = profile.Options{Dir: o.configFile, Labels: labels, Events: events, GPUs: gpus}
+		}
+		watcher, err = profile.NewWatcher(popts)
 		if err != nil {
 			return err
 		}
