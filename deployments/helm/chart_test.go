@@ -830,7 +830,8 @@ func TestKubeletPluginRBACIsExact(t *testing.T) {
 		{"resource.k8s.io", "resourceclaims", []string{"get"}},
 		{"resource.k8s.io", "resourceclaims/status", []string{"patch"}},
 		{"resource.k8s.io", "resourceslices", []string{"get", "list", "watch", "create", "update", "delete"}},
-		{"", "nodes", []string{"get"}},
+		// Its Node: the slices' owner, and the label that picks its sharing profile (watched).
+		{"", "nodes", []string{"get", "list", "watch"}},
 		{"", "pods", []string{"get", "list", "watch"}},
 		{"", "events", []string{"create", "patch"}},
 	} {
@@ -1302,39 +1303,47 @@ func TestToggleDeviceClasses(t *testing.T) {
 // ConfigMap is mounted, and the ConfigMap has the key the kubelet plugin reads; the webhook's
 // ConfigMap rule selects it.
 func TestProfileConfigMapWiring(t *testing.T) {
-	r := render(t, nil, allOn)
-	cmName := r.val(t, "sharingProfiles.name").(string)
-	cm := as[corev1.ConfigMap](t, r.get(t, "ConfigMap", cmName))
-	if cm.Labels[api.ConfigMapLabel] != "true" {
-		t.Errorf("ConfigMap labels %v lack %s=true: the webhook would not validate it", cm.Labels, api.ConfigMapLabel)
-	}
-	for comp, wantFile := range map[string]string{"device-plugin": "", "kubelet-plugin": r.val(t, "kubeletPlugin.profile").(string)} {
-		spec := r.daemonSet(t, comp).Spec.Template.Spec
-		v, ok := volume(spec, "profiles")
-		if !ok || v.ConfigMap == nil || v.ConfigMap.Name != cmName {
-			t.Fatalf("%s: profiles volume %+v, want ConfigMap %s", comp, v, cmName)
+	// kubeletPlugin.profile "" : the plugin reads the directory and picks by node label, as the
+	// device plugin does; a key pins it to that file.
+	for _, pinned := range []string{"", "default"} {
+		r := render(t, nil, overrides(allOn, map[string]any{"kubeletPlugin": map[string]any{"profile": pinned}}))
+		cmName := r.val(t, "sharingProfiles.name").(string)
+		cm := as[corev1.ConfigMap](t, r.get(t, "ConfigMap", cmName))
+		if cm.Labels[api.ConfigMapLabel] != "true" {
+			t.Errorf("ConfigMap labels %v lack %s=true: the webhook would not validate it", cm.Labels, api.ConfigMapLabel)
 		}
-		c := container(t, spec, comp)
-		cfg := flags(c)["config-file"]
-		var mountPath string
-		for _, m := range c.VolumeMounts {
-			if m.Name == "profiles" {
-				mountPath = m.MountPath
+		for comp, wantFile := range map[string]string{"device-plugin": "", "kubelet-plugin": pinned} {
+			spec := r.daemonSet(t, comp).Spec.Template.Spec
+			v, ok := volume(spec, "profiles")
+			if !ok || v.ConfigMap == nil || v.ConfigMap.Name != cmName {
+				t.Fatalf("%s: profiles volume %+v, want ConfigMap %s", comp, v, cmName)
+			}
+			c := container(t, spec, comp)
+			cfg := flags(c)["config-file"]
+			var mountPath string
+			for _, m := range c.VolumeMounts {
+				if m.Name == "profiles" {
+					mountPath = m.MountPath
+				}
+			}
+			if mountPath == "" {
+				t.Fatalf("%s does not mount the profiles", comp)
+			}
+			if wantFile == "" {
+				if path.Clean(cfg) != path.Clean(mountPath) {
+					t.Errorf("%s: --config-file=%s, want the mounted ConfigMap directory %s", comp, cfg, mountPath)
+				}
+				continue
+			}
+			if path.Clean(cfg) != path.Join(mountPath, wantFile) {
+				t.Errorf("%s: --config-file=%s, want %s", comp, cfg, path.Join(mountPath, wantFile))
+			}
+			if _, ok := cm.Data[wantFile]; !ok {
+				t.Errorf("%s reads profile %q, which the ConfigMap lacks (keys %v)", comp, wantFile, slices.Collect(maps.Keys(cm.Data)))
 			}
 		}
-		if wantFile == "" {
-			if path.Clean(cfg) != path.Clean(mountPath) {
-				t.Errorf("%s: --config-file=%s, want the mounted ConfigMap directory %s", comp, cfg, mountPath)
-			}
-			continue
-		}
-		if path.Clean(cfg) != path.Join(mountPath, wantFile) {
-			t.Errorf("%s: --config-file=%s, want %s", comp, cfg, path.Join(mountPath, wantFile))
-		}
-		if _, ok := cm.Data[wantFile]; !ok {
-			t.Errorf("%s reads profile %q, which the ConfigMap lacks (keys %v)", comp, wantFile, slices.Collect(maps.Keys(cm.Data)))
-		}
 	}
+	r := render(t, nil, nil)
 	vwc := as[admissionregistrationv1.ValidatingWebhookConfiguration](t, r.get(t, "ValidatingWebhookConfiguration", fullname+"-webhook"))
 	for _, w := range vwc.Webhooks {
 		if w.Name != "profiles.tessera.dev" {
