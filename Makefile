@@ -7,7 +7,7 @@ E2E_FLAGS ?=
 # go-nvml's cgo prolog references NVML calls the header marks deprecated; the warnings are noise.
 export CGO_CFLAGS ?= -O2 -g -Wno-deprecated-declarations
 
-.PHONY: all build test unit e2e demo demo-down bench bench-raw lint clean
+.PHONY: all build test unit e2e demo demo-down bench bench-raw lint clean image
 
 all: build
 
@@ -23,6 +23,15 @@ unit:
 
 e2e: build
 	$(GO) test -tags e2e -count=1 -timeout 80m -v ./tests/e2e/... $(E2E_FLAGS)
+
+# make image: the container image as an OCI tarball (bin/tessera-image.tar), without a Docker
+# daemon: stripped binaries plus the shared libraries they load. IMAGE names it. Import it with
+# `ctr -n k8s.io images import`, `kind load image-archive` or `skopeo copy oci-archive:`.
+IMAGE ?= ghcr.io/tessera-gpu/tessera:dev
+image:
+	@mkdir -p $(BIN)/image
+	$(GO) build -trimpath -ldflags="-s -w" -o $(BIN)/image/ ./cmd/...
+	$(GO) run ./deployments/image/cmd/tessera-image --bin-dir $(BIN)/image --ref $(IMAGE) --out $(BIN)/tessera-image.tar
 
 demo: build
 	$(GO) run ./tests/cmd/localcluster demo --tessera-bin $(BIN)
@@ -40,6 +49,12 @@ bench:
 # make bench-raw: every unit-level benchmark, as go test prints it.
 bench-raw:
 	$(GO) test -run '^$$' -bench . -benchmem $(PKGS)
+
+# make manifests: deployments/static/*.yaml (for kubectl apply), rendered from the Helm chart
+# through the Helm library; a unit test fails while they differ from a fresh render.
+.PHONY: manifests
+manifests:
+	$(GO) run ./deployments/helm/cmd/tessera-manifests -o deployments/static
 
 lint:
 	@out=$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go')); \
