@@ -5,7 +5,8 @@
 // read. NVML itself (libnvidia-ml.so.1) is not in the image: it comes from the node's driver, through
 // the NVIDIA container runtime or the driver root the chart mounts.
 //
-// The image is reproducible: fixed timestamps, sorted entries, so the same binaries give the same
+// With the C library go the parts of it libnvidia-ml needs (libm, libpthread, libdl, librt), which
+// the binaries themselves do not load. The image is reproducible: fixed timestamps, sorted entries, so the same binaries give the same
 // digest.
 package image
 
@@ -94,6 +95,9 @@ func Build(ctx context.Context, o Options) (Result, error) {
 		}
 		for _, l := range libs {
 			files[l] = l
+			for _, sib := range nvmlNeeds(l) {
+				files[sib] = sib
+			}
 		}
 	}
 	layer, size, err := layerOf(files)
@@ -161,6 +165,25 @@ func SharedLibraries(ctx context.Context, bin string) ([]string, error) {
 	}
 	slices.Sort(libs)
 	return slices.Compact(libs), nil
+}
+
+// nvmlGlibcLibraries are the C library's parts libnvidia-ml (loaded later, from the node's driver
+// root) is linked against; since glibc 2.34 they are stubs, but the loader still wants the files.
+var nvmlGlibcLibraries = []string{"libm.so.6", "libpthread.so.0", "libdl.so.2", "librt.so.1"}
+
+// nvmlNeeds returns, for the C library at lib, those of its siblings NVML needs that exist here.
+func nvmlNeeds(lib string) []string {
+	if filepath.Base(lib) != "libc.so.6" {
+		return nil
+	}
+	var out []string
+	for _, n := range nvmlGlibcLibraries {
+		p := filepath.Join(filepath.Dir(lib), n)
+		if _, err := os.Stat(p); err == nil {
+			out = append(out, p)
+		}
+	}
+	return out
 }
 
 // layerOf makes one uncompressed layer: the directories, then the files (symbolic links followed,
