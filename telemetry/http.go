@@ -2,9 +2,11 @@ package telemetry
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"net"
 	"net/http"
+	"syscall"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -64,21 +66,50 @@ func (r reloadCollector) Collect(ch chan<- prometheus.Metric) {
 // Serve serves metrics at /metrics and "ok" at /healthz on addr until ctx ends, and returns the
 // address it listens on.
 func Serve(ctx context.Context, addr string, metrics http.Handler) (string, error) {
-	ln, err := net.Listen("tcp", addr)
-	if err != nil {
-		return "", fmt.Errorf("--metrics-address: %w", err)
-	}
+	return ServeWaiting(ctx, addr, metrics, 0)
+}
+
+// ServeWaiting is Serve that, when addr is in use and wait is positive, keeps trying every wait
+// in the background instead of failing (returning ""): in a rolling update the new instance of a
+// daemon on the host network starts while the one it replaces still holds the port.
+func ServeWaiting(ctx context.Context, addr string, metrics http.Handler, wait time.Duration) (string, error) {
 	mux := http.NewServeMux()
 	mux.Handle("/metrics", metrics)
 	mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) { _, _ = w.Write([]byte("ok\n")) })
 	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
-	go func() { _ = srv.Serve(ln) }()
+	serve := func(ln net.Listener) {
+		go func() { _ = srv.Serve(ln) }()
+		go func() {
+			<-ctx.Done()
+			sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+			defer cancel()
+			_ = srv.Shutdown(sctx)
+		}()
+		klog.InfoS("Serving metrics", "address", ln.Addr().String(), "paths", "/metrics,/healthz")
+	}
+	ln, err := net.Listen("tcp", addr)
+	if err == nil {
+		serve(ln)
+		return ln.Addr().String(), nil
+	}
+	if wait <= 0 || !errors.Is(err, syscall.EADDRINUSE) {
+		return "", fmt.Errorf("--metrics-address: %w", err)
+	}
+	klog.InfoS("Metrics address in use (by the instance this one replaces?); trying again until it is free", "address", addr, "every", wait)
 	go func() {
-		<-ctx.Done()
-		sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-		defer cancel()
-		_ = srv.Shutdown(sctx)
+		t := time.NewTicker(wait)
+		defer t.Stop()
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case <-t.C:
+			}
+			if ln, err := net.Listen("tcp", addr); err == nil {
+				serve(ln)
+				return
+			}
+		}
 	}()
-	klog.InfoS("Serving metrics", "address", ln.Addr().String(), "paths", "/metrics,/healthz")
-	return ln.Addr().String(), nil
+	return "", nil
 }

@@ -5,8 +5,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"net"
-	"net/http"
 	"os"
 	"path/filepath"
 	"time"
@@ -283,19 +281,13 @@ func run(ctx context.Context, o options, started func(*dra.Driver)) error {
 			})
 		}()
 	}
-	var srv *http.Server
 	if o.metricsAddress != "" {
-		ln, err := net.Listen("tcp", o.metricsAddress)
-		if err != nil {
-			return fmt.Errorf("--metrics-address: %w", err)
-		}
 		// GPU telemetry is exported only where it is scraped.
 		reg := prometheus.NewRegistry()
 		sampler, err := o.telemetry.Start(ctx, lib, "dra", d.TelemetrySource(), client, o.nodeName, func(to *telemetry.Options) {
 			to.LastXIDs, to.OnIdleChange = monitor.LastXIDs, d.IdleChanged
 		})
 		if err != nil {
-			_ = ln.Close()
 			return fmt.Errorf("telemetry: %w", err)
 		}
 		if sampler != nil {
@@ -309,12 +301,15 @@ func run(ctx context.Context, o options, started func(*dra.Driver)) error {
 			d.Metrics().WriteText(&b)
 			return b.Bytes()
 		}
-		mux := http.NewServeMux()
-		mux.Handle("/metrics", telemetry.Handler(own, reg))
-		mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) { _, _ = w.Write([]byte("ok\n")) })
-		srv = &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
-		go func() { _ = srv.Serve(ln) }()
-		logger.Info("Serving metrics", "address", ln.Addr().String())
+		// In a rolling update (--pod-uid) on the host network, the instance being replaced holds
+		// the port until it goes: wait for it rather than fail.
+		wait := time.Duration(0)
+		if o.podUID != "" {
+			wait = time.Second
+		}
+		if _, err := telemetry.ServeWaiting(ctx, o.metricsAddress, telemetry.Handler(own, reg), wait); err != nil {
+			return err
+		}
 	}
 	if started != nil {
 		started(d)
@@ -326,10 +321,5 @@ func run(ctx context.Context, o options, started func(*dra.Driver)) error {
 		err2 = errors.New("the driver stopped after a fatal error (see the log)")
 	}
 	logger.Info("Shutting down")
-	if srv != nil {
-		sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-		defer cancel()
-		_ = srv.Shutdown(sctx)
-	}
 	return err2
 }

@@ -190,6 +190,37 @@ func Install(ctx context.Context, dir string, o InstallOptions) (*release.Releas
 	return r, nil
 }
 
+// Upgrade upgrades an installed release to the chart with these values (helm upgrade, values not
+// reused: pass them all).
+func Upgrade(ctx context.Context, dir string, o InstallOptions) (*release.Release, error) {
+	ch, err := Load(dir)
+	if err != nil {
+		return nil, err
+	}
+	flags := genericclioptions.NewConfigFlags(false)
+	flags.KubeConfig = &o.Kubeconfig
+	flags.Namespace = &o.Namespace
+	cfg := action.NewConfiguration()
+	if err := cfg.Init(flags, o.Namespace, "secret"); err != nil {
+		return nil, fmt.Errorf("helm configuration: %w", err)
+	}
+	up := action.NewUpgrade(cfg)
+	up.Namespace = o.Namespace
+	up.WaitStrategy = kube.HookOnlyStrategy
+	if o.Wait {
+		up.WaitStrategy = kube.StatusWatcherStrategy
+	}
+	rel, err := up.RunWithContext(ctx, o.Release, ch, deepCopy(o.Values))
+	if err != nil {
+		return nil, fmt.Errorf("upgrading %s/%s to chart %s: %w", o.Namespace, o.Release, dir, err)
+	}
+	r, ok := rel.(*release.Release)
+	if !ok {
+		return nil, errors.New("unexpected release type")
+	}
+	return r, nil
+}
+
 // Uninstall removes the release.
 func Uninstall(kubeconfig, namespace, name string) error {
 	flags := genericclioptions.NewConfigFlags(false)

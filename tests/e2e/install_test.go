@@ -345,6 +345,98 @@ func TestHelmInstallOnLocalCluster(t *testing.T) {
 		}
 	})
 
+	// A chart upgrade rolls the DRA plugin seamlessly: the new pod starts beside the old one
+	// (maxSurge 1, its own sockets by pod UID, the metrics port taken over when the old pod frees
+	// it); a pod that holds a claim keeps running through it, and the new instance unprepares the
+	// claim when the pod goes.
+	t.Run("SeamlessUpgrade", func(t *testing.T) {
+		claim := &resourcev1.ResourceClaim{ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: "held-across-upgrade"},
+			Spec: resourcev1.ResourceClaimSpec{Devices: resourcev1.DeviceClaim{Requests: []resourcev1.DeviceRequest{{
+				Name: "gpu", Exactly: &resourcev1.ExactDeviceRequest{DeviceClassName: "gpu.tessera.dev"}}}}}}
+		created, err := c.CreateResourceClaim(ctx, claim)
+		if err != nil {
+			t.Fatal(err)
+		}
+		pod := harness.BusyboxPod(ns, "holder", "sh", "-c", "ls /dev/nvidia* && sleep 3600")
+		pod.Spec.ResourceClaims = []corev1.PodResourceClaim{{Name: "gpu", ResourceClaimName: ptr.To(claim.Name)}}
+		pod.Spec.Containers[0].Resources.Claims = []corev1.ResourceClaim{{Name: "gpu"}}
+		if _, err := c.CreatePod(ctx, pod); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := c.WaitForPodPhase(ctx, ns, pod.Name, corev1.PodRunning); err != nil {
+			t.Fatalf("%v\n%s", err, c.DescribePod(ctx, ns, pod.Name))
+		}
+		checkpoint := filepath.Join(state, "dra", "checkpoints", string(created.UID)+".json")
+		if _, err := os.Stat(checkpoint); err != nil {
+			t.Fatalf("the claim's checkpoint before the upgrade: %v", err)
+		}
+		oldPods, err := c.Client().CoreV1().Pods(ns).List(ctx, metav1.ListOptions{LabelSelector: "app.kubernetes.io/component=kubelet-plugin"})
+		if err != nil || len(oldPods.Items) != 1 {
+			t.Fatalf("kubelet plugin pods: %v %v", err, oldPods)
+		}
+		oldUID := oldPods.Items[0].UID
+
+		// Any change to the pod template rolls the DaemonSet; here the log verbosity.
+		upFile := filepath.Join(t.TempDir(), "upgrade.json")
+		if err := os.WriteFile(upFile, []byte(`{"logVerbosity": 3}`), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		t0 := time.Now()
+		out, err := chart(ctx, "upgrade", "--kubeconfig", c.Kubeconfig, "--namespace", ns, "--release", release,
+			"-f", filepath.Join("deployments", "helm", "tessera", "values-sim.yaml"), "-f", valuesFile, "-f", upFile)
+		if err != nil {
+			t.Fatalf("upgrade: %v\n%s", err, out)
+		}
+		sawBoth := false
+		err = harness.Poll(ctx, 100*time.Millisecond, func(ctx context.Context) (bool, error) {
+			pods, err := c.Client().CoreV1().Pods(ns).List(ctx, metav1.ListOptions{LabelSelector: "app.kubernetes.io/component=kubelet-plugin"})
+			if err != nil {
+				return false, err
+			}
+			if len(pods.Items) == 2 {
+				sawBoth = true
+			}
+			if len(pods.Items) != 1 || pods.Items[0].UID == oldUID {
+				return false, nil
+			}
+			p := pods.Items[0]
+			for _, cs := range p.Status.ContainerStatuses {
+				if !cs.Ready {
+					return false, nil
+				}
+			}
+			return p.Status.Phase == corev1.PodRunning, nil
+		})
+		if err != nil {
+			t.Fatalf("the DRA plugin did not roll: %v\n%s", err, describeRelease(ctx, c, ns))
+		}
+		t.Logf("%s; DRA plugin rolled in %s (both pods seen at once: %v)", strings.TrimSpace(out), time.Since(t0).Round(100*time.Millisecond), sawBoth)
+		if !sawBoth {
+			t.Error("the new DRA plugin pod never ran beside the old one (maxSurge)")
+		}
+		if p, err := c.Client().CoreV1().Pods(ns).Get(ctx, pod.Name, metav1.GetOptions{}); err != nil || p.Status.Phase != corev1.PodRunning {
+			t.Fatalf("the claim's pod after the upgrade: %v %v", err, p.Status.Phase)
+		}
+		// The new instance serves: its metrics port taken over, the node's slices still there, and
+		// the claim unprepared by it when the pod goes.
+		if err := harness.Poll(ctx, 200*time.Millisecond, func(ctx context.Context) (bool, error) {
+			page, err := scrape(ctx, fmt.Sprintf("http://127.0.0.1:%d/metrics", kpPort))
+			return err == nil && strings.Contains(page, "tessera_"), nil
+		}); err != nil {
+			t.Errorf("the new DRA plugin serves no metrics: %v\n%s", err, describeRelease(ctx, c, ns))
+		}
+		zero := int64(0)
+		if err := c.Client().CoreV1().Pods(ns).Delete(ctx, pod.Name, metav1.DeleteOptions{GracePeriodSeconds: &zero}); err != nil {
+			t.Fatal(err)
+		}
+		if err := harness.Poll(ctx, 200*time.Millisecond, func(context.Context) (bool, error) {
+			_, err := os.Stat(checkpoint)
+			return os.IsNotExist(err), nil
+		}); err != nil {
+			t.Fatalf("the claim was not unprepared after the upgrade (%s still there): %v\n%s", checkpoint, err, describeRelease(ctx, c, ns))
+		}
+	})
+
 	// The daemons serve /metrics from their pods (host network here).
 	for _, port := range []int{dpPort, kpPort} {
 		page, err := scrape(ctx, fmt.Sprintf("http://127.0.0.1:%d/metrics", port))

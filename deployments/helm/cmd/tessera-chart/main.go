@@ -4,6 +4,7 @@
 //
 //	tessera-chart render    [-f values.yaml]... [--release tessera] [--namespace tessera-system]
 //	tessera-chart install   --kubeconfig FILE [-f values.yaml]... [--release tessera] [--namespace tessera-system]
+//	tessera-chart upgrade   --kubeconfig FILE [-f values.yaml]... [--release tessera] [--namespace tessera-system]
 //	tessera-chart uninstall --kubeconfig FILE [--release tessera] [--namespace tessera-system]
 package main
 
@@ -68,6 +69,16 @@ func run(ctx context.Context, cmd, chart, kubeconfig, release, namespace string,
 		}
 		fmt.Printf("installed %s/%s revision %d\n", rel.Namespace, rel.Name, rel.Version)
 		return nil
+	case "upgrade":
+		if kubeconfig == "" {
+			return fmt.Errorf("upgrade needs --kubeconfig (or KUBECONFIG)")
+		}
+		rel, err := helm.Upgrade(ctx, chart, helm.InstallOptions{Kubeconfig: kubeconfig, Release: release, Namespace: namespace, Values: vals})
+		if err != nil {
+			return err
+		}
+		fmt.Printf("upgraded %s/%s to revision %d\n", rel.Namespace, rel.Name, rel.Version)
+		return nil
 	case "uninstall":
 		if kubeconfig == "" {
 			return fmt.Errorf("uninstall needs --kubeconfig (or KUBECONFIG)")
@@ -83,6 +94,6 @@ func run(ctx context.Context, cmd, chart, kubeconfig, release, namespace string,
 }
 
 func usage() {
-	fmt.Fprintln(os.Stderr, "usage: tessera-chart render|install|uninstall [-f values.yaml]... [--kubeconfig FILE] [--release NAME] [--namespace NS]")
+	fmt.Fprintln(os.Stderr, "usage: tessera-chart render|install|upgrade|uninstall [-f values.yaml]... [--kubeconfig FILE] [--release NAME] [--namespace NS]")
 	os.Exit(2)
 }
