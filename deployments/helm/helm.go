@@ -166,12 +166,9 @@ func Install(ctx context.Context, dir string, o InstallOptions) (*release.Releas
 	if err != nil {
 		return nil, err
 	}
-	flags := genericclioptions.NewConfigFlags(false)
-	flags.KubeConfig = &o.Kubeconfig
-	flags.Namespace = &o.Namespace
-	cfg := action.NewConfiguration()
-	if err := cfg.Init(flags, o.Namespace, "secret"); err != nil {
-		return nil, fmt.Errorf("helm configuration: %w", err)
+	cfg, err := actionConfig(o.Kubeconfig, o.Namespace)
+	if err != nil {
+		return nil, err
 	}
 	inst := action.NewInstall(cfg)
 	inst.ReleaseName, inst.Namespace, inst.CreateNamespace = o.Release, o.Namespace, true
@@ -197,12 +194,9 @@ func Upgrade(ctx context.Context, dir string, o InstallOptions) (*release.Releas
 	if err != nil {
 		return nil, err
 	}
-	flags := genericclioptions.NewConfigFlags(false)
-	flags.KubeConfig = &o.Kubeconfig
-	flags.Namespace = &o.Namespace
-	cfg := action.NewConfiguration()
-	if err := cfg.Init(flags, o.Namespace, "secret"); err != nil {
-		return nil, fmt.Errorf("helm configuration: %w", err)
+	cfg, err := actionConfig(o.Kubeconfig, o.Namespace)
+	if err != nil {
+		return nil, err
 	}
 	up := action.NewUpgrade(cfg)
 	up.Namespace = o.Namespace
@@ -221,17 +215,27 @@ func Upgrade(ctx context.Context, dir string, o InstallOptions) (*release.Releas
 	return r, nil
 }
 
-// Uninstall removes the release.
-func Uninstall(kubeconfig, namespace, name string) error {
+// actionConfig is Helm's configuration for the kubeconfig's cluster, releases kept in Secrets of
+// the namespace (helm's default driver).
+func actionConfig(kubeconfig, namespace string) (*action.Configuration, error) {
 	flags := genericclioptions.NewConfigFlags(false)
 	flags.KubeConfig = &kubeconfig
 	flags.Namespace = &namespace
 	cfg := action.NewConfiguration()
 	if err := cfg.Init(flags, namespace, "secret"); err != nil {
+		return nil, fmt.Errorf("helm configuration: %w", err)
+	}
+	return cfg, nil
+}
+
+// Uninstall removes the release.
+func Uninstall(kubeconfig, namespace, name string) error {
+	cfg, err := actionConfig(kubeconfig, namespace)
+	if err != nil {
 		return err
 	}
 	un := action.NewUninstall(cfg)
 	un.WaitStrategy = kube.HookOnlyStrategy
-	_, err := un.Run(name)
+	_, err = un.Run(name)
 	return err
 }
