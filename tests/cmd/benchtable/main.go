@@ -90,6 +90,16 @@ func run(short bool, out string, doRSS bool) error {
 			fmt.Fprintln(os.Stderr, "tessera-device-plugin:", ex.RSSNote)
 		}
 	}
+	if doRSS {
+		fmt.Fprintln(os.Stderr, "tessera-kubelet-plugin: start to ResourceSlices and RSS on the local cluster")
+		d := measureDRAPlugin()
+		ex.DRARSSMB, ex.DRAAnonMB, ex.DRAFileMB, ex.DRASliceMs, ex.DRANote = d.rssMB, d.anonMB, d.fileMB, d.sliceMs, d.note
+		if d.note != "" {
+			fmt.Fprintln(os.Stderr, "tessera-kubelet-plugin:", d.note)
+		}
+	} else {
+		ex.DRANote = "skipped (-rss=false)"
+	}
 	rows := BuildRows(all, ex, recorded)
 	table := Markdown(rows)
 	fmt.Print(table)
@@ -143,7 +153,10 @@ Notes:
   (the mapped executable, shared page cache) apart. The executable is written back and dropped
   from the page cache before it starts, as a binary read from disk; run straight after ` + "`go build`" + `,
   the kernel maps the linker's large page-cache folios whole and the file-backed part is about
-  20 MB larger, whatever the daemon touches.
+  20 MB larger, whatever the daemon touches. The DRA plugin runs for the local cluster's node (real
+  API server and kubelet; the cluster ` + "`make demo`" + ` runs, or one started from the cached binaries),
+  its 8 simulated GPUs whole; start to ResourceSlices is process start until the API server lists
+  its 8 devices.
 - MIG start-up reconcile: ` + "`dra.New`" + ` (then Stop) over the state of 56 prepared claims, one per MIG device of a
   simulated dgx-h100 cut all-1g (mig-static), checkpoints and CDI specs in place; the baseline reads
   the 56 checkpoint files. Medians.

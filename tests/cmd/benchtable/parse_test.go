@@ -133,6 +133,17 @@ func TestRowsAndVerdicts(t *testing.T) {
 	if r := find(t, rows, "RSS of tessera-device-plugin"); r.Verdict != NotMeasured {
 		t.Errorf("RSS not measured: %+v", r)
 	}
+	if r := find(t, rows, "RSS of tessera-kubelet-plugin"); r.Verdict != NotMeasured || !strings.Contains(r.Measured, "local cluster") {
+		t.Errorf("DRA RSS not measured: %+v", r)
+	}
+	// The DRA plugin measured on the local cluster.
+	rows = rowsOf(t, sample, Extra{RSSMB: math.NaN(), StartMs: math.NaN(), DRARSSMB: 52.5, DRAAnonMB: 14, DRAFileMB: 38.5, DRASliceMs: 850})
+	if r := find(t, rows, "RSS of tessera-kubelet-plugin"); r.Verdict != Miss || r.Measured != "52.5 MB (anon 14 + file 38.5)" {
+		t.Errorf("DRA RSS row: %+v", r)
+	}
+	if r := find(t, rows, "start to ResourceSlices"); r.Measured != "850 ms" {
+		t.Errorf("DRA start row: %+v", r)
+	}
 	if md := Markdown(BuildRows(Results{}, Extra{RSSMB: 1, StartMs: 1}, recorded)); strings.Count(md, "\n") != len(BuildRows(Results{}, Extra{}, recorded))+2 {
 		t.Errorf("table lines:\n%s", md)
 	}

@@ -79,25 +79,35 @@ func measureDevicePlugin() (rssMB, anonMB, fileMB, startMs float64, note string)
 		return rssMB, anonMB, fileMB, startMs, fmt.Sprintf("no 8 healthy GPUs at the kubelet stand-in: %v; log: %s", err, tail(logs.String()))
 	}
 	startMs = float64(time.Since(t0).Microseconds()) / 1e3
-	var peak, anon, file int64
-	for range 7 {
-		time.Sleep(500 * time.Millisecond)
-		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", cmd.Process.Pid))
+	rssMB, anonMB, fileMB, err = peakRSS(cmd.Process.Pid, 7, 500*time.Millisecond)
+	if err != nil {
+		return nan(), nan(), nan(), startMs, err.Error()
+	}
+	return rssMB, anonMB, fileMB, startMs, ""
+}
+
+// peakRSS samples a process's VmRSS n times, every interval, and returns the largest with its
+// anonymous and file-backed parts, in MB (10⁶ bytes).
+func peakRSS(pid, n int, interval time.Duration) (rss, anon, file float64, err error) {
+	var peak, a, f int64
+	for range n {
+		time.Sleep(interval)
+		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
 		if err != nil {
-			return rssMB, anonMB, fileMB, startMs, err.Error()
+			return 0, 0, 0, err
 		}
 		kb, err := parseStatusKB(string(b), "VmRSS")
 		if err != nil {
-			return rssMB, anonMB, fileMB, startMs, err.Error()
+			return 0, 0, 0, err
 		}
 		if kb > peak {
 			peak = kb
-			anon, _ = parseStatusKB(string(b), "RssAnon")
-			file, _ = parseStatusKB(string(b), "RssFile")
+			a, _ = parseStatusKB(string(b), "RssAnon")
+			f, _ = parseStatusKB(string(b), "RssFile")
 		}
 	}
 	mb := func(kb int64) float64 { return float64(kb) * 1024 / 1e6 }
-	return mb(peak), mb(anon), mb(file), startMs, ""
+	return mb(peak), mb(a), mb(f), nil
 }
 
 // dropFromPageCache writes a file back to disk and asks the kernel to drop its cached pages.

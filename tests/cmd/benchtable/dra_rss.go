@@ -1,0 +1,125 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"syscall"
+	"time"
+
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+
+	"github.com/tessera-gpu/tessera/dra"
+	"github.com/tessera-gpu/tessera/tests/harness"
+)
+
+// draResult is the DRA kubelet plugin's figures on the local cluster.
+type draResult struct {
+	rssMB, anonMB, fileMB, sliceMs float64
+	note                           string
+}
+
+// measureDRAPlugin runs tessera-kubelet-plugin for the local cluster's node (a real API server and
+// kubelet) on a simulated dgx-h100, every GPU the driver's and whole, and returns the time from
+// process start until its 8 devices are in the API server's ResourceSlices, and its largest RSS over
+// the following 3 seconds. It uses the cluster `make demo` runs when it is up, else starts one from
+// the cached binaries (and stops it after); without cached binaries it measures nothing and says
+// how to get them, since building them takes minutes.
+func measureDRAPlugin() draResult {
+	res := draResult{rssMB: nan(), anonMB: nan(), fileMB: nan(), sliceMs: nan()}
+	cache := harness.DefaultCacheDir()
+	for _, d := range []string{"kubernetes-" + harness.KubernetesVersion, "etcd-" + harness.EtcdVersion, "containerd-" + harness.ContainerdVersion} {
+		if _, err := os.Stat(filepath.Join(cache, "bin", d, ".stamp")); err != nil {
+			res.note = "the local cluster's binaries are not built (make test, make demo or go run ./tests/cmd/localcluster build)"
+			return res
+		}
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+	wasUp := harness.Running(harness.DefaultStateDir())
+	c, err := harness.Start(ctx, harness.Options{Log: io.Discard, NoSignalHandler: true})
+	if err != nil {
+		res.note = "local cluster: " + err.Error()
+		return res
+	}
+	if !wasUp {
+		defer c.Stop()
+	}
+	dir, err := os.MkdirTemp("", "tb-dra")
+	if err != nil {
+		res.note = err.Error()
+		return res
+	}
+	defer os.RemoveAll(dir)
+	bin := filepath.Join(dir, "tessera-kubelet-plugin")
+	if out, err := exec.Command("go", "build", "-o", bin, "./cmd/tessera-kubelet-plugin").CombinedOutput(); err != nil {
+		res.note = fmt.Sprintf("build: %v: %s", err, out)
+		return res
+	}
+	if err := dropFromPageCache(bin); err != nil {
+		res.note = err.Error()
+		return res
+	}
+	slices := c.Client().ResourceV1().ResourceSlices()
+	clean := func() {
+		list, err := slices.List(context.Background(), metav1.ListOptions{FieldSelector: "spec.driver=" + dra.DriverName})
+		if err == nil {
+			for _, s := range list.Items {
+				_ = slices.Delete(context.Background(), s.Name, metav1.DeleteOptions{})
+			}
+		}
+	}
+	clean()
+	defer clean()
+	var logs bytes.Buffer
+	cmd := exec.Command(bin, "--nvml=sim:dgx-h100", "--sim-state-dir="+filepath.Join(dir, "sim"),
+		"--kubeconfig="+c.PluginKubeconfig, "--node-name="+c.NodeName,
+		"--kubelet-registry-dir="+c.PluginRegistryDir, "--kubelet-plugins-dir="+c.PluginsDir,
+		"--cdi-dir="+filepath.Join(dir, "cdi"), "--state-dir="+filepath.Join(dir, "state"), "--mps-root="+filepath.Join(dir, "mps"))
+	cmd.Stdout, cmd.Stderr = &logs, &logs
+	t0 := time.Now()
+	if err := cmd.Start(); err != nil {
+		res.note = err.Error()
+		return res
+	}
+	defer func() {
+		_ = cmd.Process.Signal(syscall.SIGTERM)
+		done := make(chan struct{})
+		go func() { _ = cmd.Wait(); close(done) }()
+		select {
+		case <-done:
+		case <-time.After(10 * time.Second):
+			_ = cmd.Process.Kill()
+			<-done
+		}
+	}()
+	err = harness.Poll(ctx, 10*time.Millisecond, func(ctx context.Context) (bool, error) {
+		list, err := slices.List(ctx, metav1.ListOptions{FieldSelector: "spec.driver=" + dra.DriverName})
+		if err != nil {
+			return false, err
+		}
+		n := 0
+		for _, s := range list.Items {
+			if s.Spec.NodeName != nil && *s.Spec.NodeName == c.NodeName {
+				n += len(s.Spec.Devices)
+			}
+		}
+		return n == 8, nil
+	})
+	if err != nil {
+		res.note = fmt.Sprintf("no 8 devices in ResourceSlices: %v; log: %s", err, tail(logs.String()))
+		return res
+	}
+	res.sliceMs = float64(time.Since(t0).Microseconds()) / 1e3
+	peak, anon, file, err := peakRSS(cmd.Process.Pid, 6, 500*time.Millisecond)
+	if err != nil {
+		res.note = err.Error()
+		return res
+	}
+	res.rssMB, res.anonMB, res.fileMB = peak, anon, file
+	return res
+}
