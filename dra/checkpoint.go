@@ -11,6 +11,7 @@ import (
 	"path/filepath"
 	"sort"
 	"strings"
+	"time"
 
 	"k8s.io/apimachinery/pkg/types"
 
@@ -244,13 +245,21 @@ func (s *checkpoints) list() ([]types.UID, error) {
 	return out, nil
 }
 
+// tempMaxAge is how old a temporary file must be before start-up takes it for a crash's leftover:
+// in a rolling update the instance being replaced may be writing one right now.
+const tempMaxAge = time.Minute
+
 // cleanTemp removes temporary files a crash left behind.
 func (s *checkpoints) cleanTemp() {
 	ents, _ := os.ReadDir(s.dir)
 	for _, e := range ents {
-		if strings.HasPrefix(e.Name(), ".") && strings.HasSuffix(e.Name(), ".tmp") {
-			_ = os.Remove(filepath.Join(s.dir, e.Name()))
+		if !strings.HasPrefix(e.Name(), ".") || !strings.HasSuffix(e.Name(), ".tmp") {
+			continue
 		}
+		if info, err := e.Info(); err == nil && time.Since(info.ModTime()) < tempMaxAge {
+			continue
+		}
+		_ = os.Remove(filepath.Join(s.dir, e.Name()))
 	}
 }
 

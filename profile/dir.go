@@ -55,13 +55,15 @@ func Select(labels map[string]string, names []string, def string) (Selection, er
 			return Selection{Name: v, By: l + "=" + v}, nil
 		}
 	}
+	// A key named by the caller (a pinned profile) is that key or an error, never another one.
+	pinned := def != ""
 	if def == "" {
 		def = DefaultProfileName
 	}
 	if contains(names, def) {
 		return Selection{Name: def, By: "default"}, nil
 	}
-	if len(names) == 1 {
+	if len(names) == 1 && !pinned {
 		return Selection{Name: names[0], By: "only profile"}, nil
 	}
 	return Selection{}, &api.FieldError{Path: "metadata.labels[" + api.NodeLabelProfile + "]",

@@ -82,6 +82,9 @@ type Current struct {
 // Watcher keeps a node's current profile.
 type Watcher struct {
 	opts Options
+	// pinned: the caller named DefaultProfile, so a ConfigMap without that key is an error, not a
+	// reason to take its only other key.
+	pinned bool
 
 	// accepted and refused count profile changes (the first load included) for metrics.
 	accepted, refused atomic.Uint64
@@ -106,10 +109,11 @@ func NewWatcher(opts Options) (*Watcher, error) {
 	if opts.Interval <= 0 {
 		opts.Interval = time.Second
 	}
+	pinned := opts.DefaultProfile != ""
 	if opts.DefaultProfile == "" {
 		opts.DefaultProfile = DefaultProfileName
 	}
-	return &Watcher{opts: opts}, nil
+	return &Watcher{opts: opts, pinned: pinned}, nil
 }
 
 // Current returns the last good profile, or nil before the first one.
@@ -221,7 +225,11 @@ func (w *Watcher) read() (Selection, []byte, error) {
 	if err != nil {
 		return Selection{}, nil, fmt.Errorf("reading the profile directory: %w", err)
 	}
-	sel, err := Select(w.opts.Labels.Labels(), names, w.opts.DefaultProfile)
+	def := ""
+	if w.pinned {
+		def = w.opts.DefaultProfile
+	}
+	sel, err := Select(w.opts.Labels.Labels(), names, def)
 	if err != nil {
 		return sel, nil, err
 	}

@@ -270,6 +270,24 @@ func TestSelect(t *testing.T) {
 	if _, err := Select(nil, nil, ""); err == nil {
 		t.Error("empty directory accepted")
 	}
+	// The only key is taken when none is named, never in place of a named (pinned) one.
+	if s, err := Select(nil, []string{"default"}, ""); err != nil || s.Name != "default" {
+		t.Errorf("only key: %+v %v", s, err)
+	}
+	if s, err := Select(nil, []string{"other"}, ""); err != nil || s.By != "only profile" {
+		t.Errorf("only key, none named: %+v %v", s, err)
+	}
+	if s, err := Select(nil, []string{"default"}, "big"); err == nil {
+		t.Errorf("pinned key %q missing, got %+v", "big", s)
+	}
+	cm := newConfigMapDir(t, map[string]string{"default": whole})
+	w, err := NewWatcher(Options{Dir: cm.dir, DefaultProfile: "big", GPUs: gpus(1)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if cur, _, err := w.Reload(context.Background()); err == nil || cur != nil {
+		t.Errorf("a watcher pinned to a missing key served %+v", cur)
+	}
 }
 
 func TestNewWatcherNeedsOptions(t *testing.T) {

@@ -99,15 +99,24 @@ func ServeWaiting(ctx context.Context, addr string, metrics http.Handler, wait t
 	go func() {
 		t := time.NewTicker(wait)
 		defer t.Stop()
+		since := time.Now()
+		warned := since
 		for {
 			select {
 			case <-ctx.Done():
 				return
 			case <-t.C:
 			}
-			if ln, err := net.Listen("tcp", addr); err == nil {
+			ln, err := net.Listen("tcp", addr)
+			if err == nil {
 				serve(ln)
 				return
+			}
+			// Something else may hold it for good (another exporter on the host network): say so.
+			if time.Since(warned) >= 30*time.Second {
+				warned = time.Now()
+				klog.InfoS("Metrics address still in use: /metrics and /healthz are not served; if no instance of this daemon is being replaced, another process holds the port (choose another --metrics-address)",
+					"address", addr, "waiting", time.Since(since).Round(time.Second), "err", err)
 			}
 		}
 	}()

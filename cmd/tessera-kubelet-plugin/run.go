@@ -307,7 +307,10 @@ func run(ctx context.Context, o options, started func(*dra.Driver)) error {
 		if o.podUID != "" {
 			wait = time.Second
 		}
-		if _, err := telemetry.ServeWaiting(ctx, o.metricsAddress, telemetry.Handler(own, reg), wait); err != nil {
+		// The server stops when run returns, fatal driver error included.
+		mctx, mcancel := context.WithCancel(ctx)
+		defer mcancel()
+		if _, err := telemetry.ServeWaiting(mctx, o.metricsAddress, telemetry.Handler(own, reg), wait); err != nil {
 			return err
 		}
 	}

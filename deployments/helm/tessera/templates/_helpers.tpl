@@ -131,3 +131,19 @@ imagePullSecrets:
 {{- define "tessera.port" -}}
 {{- regexReplaceAll "^.*:" . "" -}}
 {{- end -}}
+
+{{/*
+The liveness probe's host for a metrics address on the host network: its own host, or 127.0.0.1
+for an unspecified one. Off the host network the probe goes to the pod IP, which a loopback
+address never answers: refused at render time.
+  include "tessera.probeHost" (list $addr $.Values.hostNetwork "devicePlugin")
+*/}}
+{{- define "tessera.probeHost" -}}
+{{- $addr := index . 0 -}}{{- $hostNet := index . 1 -}}{{- $what := index . 2 -}}
+{{- $host := regexReplaceAll ":[0-9]*$" $addr "" | trimPrefix "[" | trimSuffix "]" -}}
+{{- $loopback := or (eq $host "127.0.0.1") (eq $host "localhost") (eq $host "::1") -}}
+{{- if and (not $hostNet) $loopback -}}
+{{- fail (printf "%s.metrics.address %q listens on loopback, where the kubelet's liveness probe (at the pod's IP) cannot reach it: use \":<port>\", or hostNetwork: true" $what $addr) -}}
+{{- end -}}
+{{- if or (eq $host "") (eq $host "0.0.0.0") (eq $host "::") -}}127.0.0.1{{- else -}}{{ $host }}{{- end -}}
+{{- end -}}
