@@ -320,6 +320,11 @@ func TestHelmInstallOnLocalCluster(t *testing.T) {
 		} else {
 			_ = c.Client().ResourceV1().ResourceSlices().Delete(ctx, own.Name, metav1.DeleteOptions{})
 		}
+		foreign := slice(c.NodeName)
+		foreign.Spec.Driver = "gpu.nvidia.com"
+		if _, err := kp.ResourceV1().ResourceSlices().Create(ctx, foreign, metav1.CreateOptions{}); err == nil || !strings.Contains(err.Error(), "only write ResourceSlices of its own driver") {
+			t.Errorf("kubelet plugin writing another driver's slice: %v, want the policy's denial", err)
+		}
 		if _, err := kp.CoreV1().Secrets(ns).List(ctx, metav1.ListOptions{}); err == nil {
 			t.Error("the kubelet plugin may list Secrets")
 		}
