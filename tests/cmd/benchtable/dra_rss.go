@@ -8,7 +8,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"syscall"
 	"time"
 
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
@@ -86,17 +85,7 @@ func measureDRAPlugin() draResult {
 		res.note = err.Error()
 		return res
 	}
-	defer func() {
-		_ = cmd.Process.Signal(syscall.SIGTERM)
-		done := make(chan struct{})
-		go func() { _ = cmd.Wait(); close(done) }()
-		select {
-		case <-done:
-		case <-time.After(10 * time.Second):
-			_ = cmd.Process.Kill()
-			<-done
-		}
-	}()
+	defer stop(cmd)
 	err = harness.Poll(ctx, 10*time.Millisecond, func(ctx context.Context) (bool, error) {
 		list, err := slices.List(ctx, metav1.ListOptions{FieldSelector: "spec.driver=" + dra.DriverName})
 		if err != nil {

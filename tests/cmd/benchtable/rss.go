@@ -60,17 +60,7 @@ func measureDevicePlugin() (rssMB, anonMB, fileMB, startMs float64, note string)
 	if err := cmd.Start(); err != nil {
 		return rssMB, anonMB, fileMB, startMs, err.Error()
 	}
-	defer func() {
-		_ = cmd.Process.Signal(syscall.SIGTERM)
-		done := make(chan struct{})
-		go func() { _ = cmd.Wait(); close(done) }()
-		select {
-		case <-done:
-		case <-time.After(10 * time.Second):
-			_ = cmd.Process.Kill()
-			<-done
-		}
-	}()
+	defer stop(cmd)
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
 	if _, err := k.WaitForResource(ctx, "nvidia.com/gpu", func(s kubelettest.Snapshot) bool {
@@ -108,6 +98,19 @@ func peakRSS(pid, n int, interval time.Duration) (rss, anon, file float64, err e
 	}
 	mb := func(kb int64) float64 { return float64(kb) * 1024 / 1e6 }
 	return mb(peak), mb(a), mb(f), nil
+}
+
+// stop ends a started daemon: SIGTERM, then SIGKILL after 10 seconds.
+func stop(cmd *exec.Cmd) {
+	_ = cmd.Process.Signal(syscall.SIGTERM)
+	done := make(chan struct{})
+	go func() { _ = cmd.Wait(); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(10 * time.Second):
+		_ = cmd.Process.Kill()
+		<-done
+	}
 }
 
 // dropFromPageCache writes a file back to disk and asks the kernel to drop its cached pages.
