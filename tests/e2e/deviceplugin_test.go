@@ -5,8 +5,6 @@ package e2e
 import (
 	"context"
 	"fmt"
-	"io"
-	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -129,7 +127,7 @@ func TestDevicePluginServesPods(t *testing.T) {
 		t.Helper()
 		var last string
 		err := harness.Poll(ctx, 200*time.Millisecond, func(ctx context.Context) (bool, error) {
-			m, err := scrape(ctx, "http://"+metricsAddr+"/metrics")
+			m, err := harness.GetURL(ctx, "http://"+metricsAddr+"/metrics")
 			if err != nil {
 				last = "metrics: " + err.Error()
 				return false, nil
@@ -249,31 +247,24 @@ func allocatableIs(ctx context.Context, c *harness.Cluster, podResources string,
 // buildBinaries builds the named commands (folders of cmd/) into dir and returns their paths.
 func buildBinaries(t *testing.T, ctx context.Context, dir string, names ...string) map[string]string {
 	t.Helper()
+	return buildBinariesWith(t, ctx, dir, nil, names...)
+}
+
+// buildBinariesWith is buildBinaries with extra go build flags (link flags only keep the compile
+// cache that make build and the other tests filled).
+func buildBinariesWith(t *testing.T, ctx context.Context, dir string, flags []string, names ...string) map[string]string {
+	t.Helper()
 	out := map[string]string{}
 	for _, b := range names {
 		out[b] = filepath.Join(dir, b)
-		build := exec.CommandContext(ctx, "go", "build", "-o", out[b], "./cmd/"+b)
+		args := append(append([]string{"build"}, flags...), "-o", out[b], "./cmd/"+b)
+		build := exec.CommandContext(ctx, "go", args...)
 		build.Dir = filepath.Join("..", "..")
 		if msg, err := build.CombinedOutput(); err != nil {
 			t.Fatalf("build %s: %v\n%s", b, err, msg)
 		}
 	}
 	return out
-}
-
-// scrape reads a metrics page.
-func scrape(ctx context.Context, url string) (string, error) {
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
-	if err != nil {
-		return "", err
-	}
-	resp, err := http.DefaultClient.Do(req)
-	if err != nil {
-		return "", err
-	}
-	defer resp.Body.Close()
-	b, err := io.ReadAll(resp.Body)
-	return string(b), err
 }
 
 // kubeletAllocatable asks the kubelet's PodResources API for its allocatable devices per resource.

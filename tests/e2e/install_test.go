@@ -6,10 +6,12 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"maps"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -39,17 +41,8 @@ const installImageRef = "ghcr.io/tessera-gpu/tessera:e2e"
 func buildImage(t *testing.T, ctx context.Context, c *harness.Cluster) image.Result {
 	t.Helper()
 	dir := t.TempDir()
-	var bins []string
-	for _, b := range []string{"tessera", "tessera-device-plugin", "tessera-kubelet-plugin", "tessera-webhook"} {
-		out := filepath.Join(dir, b)
-		// -ldflags only: the compiled packages are the ones make build and the other tests cached.
-		build := exec.CommandContext(ctx, "go", "build", "-ldflags=-s -w", "-o", out, "./cmd/"+b)
-		build.Dir = filepath.Join("..", "..")
-		if msg, err := build.CombinedOutput(); err != nil {
-			t.Fatalf("build %s: %v\n%s", b, err, msg)
-		}
-		bins = append(bins, out)
-	}
+	built := buildBinariesWith(t, ctx, dir, []string{"-ldflags=-s -w"}, "tessera", "tessera-device-plugin", "tessera-kubelet-plugin", "tessera-webhook")
+	bins := slices.Sorted(maps.Values(built))
 	tarball := filepath.Join(dir, "tessera-image.tar")
 	res, err := image.Build(ctx, image.Options{Binaries: bins, Ref: installImageRef, Out: tarball})
 	if err != nil {
@@ -425,7 +418,7 @@ func TestHelmInstallOnLocalCluster(t *testing.T) {
 		// The new instance serves: its metrics port taken over, the node's slices still there, and
 		// the claim unprepared by it when the pod goes.
 		if err := harness.Poll(ctx, 200*time.Millisecond, func(ctx context.Context) (bool, error) {
-			page, err := scrape(ctx, fmt.Sprintf("http://127.0.0.1:%d/metrics", kpPort))
+			page, err := harness.GetURL(ctx, fmt.Sprintf("http://127.0.0.1:%d/metrics", kpPort))
 			return err == nil && strings.Contains(page, "tessera_"), nil
 		}); err != nil {
 			t.Errorf("the new DRA plugin serves no metrics: %v\n%s", err, describeRelease(ctx, c, ns))
@@ -444,7 +437,7 @@ func TestHelmInstallOnLocalCluster(t *testing.T) {
 
 	// The daemons serve /metrics from their pods (host network here).
 	for _, port := range []int{dpPort, kpPort} {
-		page, err := scrape(ctx, fmt.Sprintf("http://127.0.0.1:%d/metrics", port))
+		page, err := harness.GetURL(ctx, fmt.Sprintf("http://127.0.0.1:%d/metrics", port))
 		if err != nil || !strings.Contains(page, "tessera_device_allocated") {
 			t.Errorf("metrics on port %d: %v (%d bytes)", port, err, len(page))
 		}

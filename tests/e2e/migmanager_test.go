@@ -322,7 +322,7 @@ func TestMIGManager(t *testing.T) {
 	setLabel("all-1g.10gb")
 	waitState("to all-1g.10gb", "pending", "applying", "success")
 	waitNode("all-1g.10gb", map[string]int64{"nvidia.com/mig-1g.10gb": 14, "nvidia.com/mig-3g.40gb": 0, "nvidia.com/gpu": 5}, 7)
-	if page, err := scrape(ctx, "http://"+mmAddr+"/metrics"); err != nil {
+	if page, err := harness.GetURL(ctx, "http://"+mmAddr+"/metrics"); err != nil {
 		t.Error(err)
 	} else {
 		for _, want := range []string{`tessera_mig_reconfigurations_total{result="success"} 2`, `tessera_mig_config_state{config="all-1g.10gb",state="success"} 1`} {

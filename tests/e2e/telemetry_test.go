@@ -148,7 +148,7 @@ func TestTelemetryAttributesPods(t *testing.T) {
 		wctx, cancel := context.WithTimeout(ctx, 60*time.Second)
 		defer cancel()
 		err := harness.Poll(wctx, 200*time.Millisecond, func(ctx context.Context) (bool, error) {
-			p, err := scrape(ctx, "http://"+addr+"/metrics")
+			p, err := harness.GetURL(ctx, "http://"+addr+"/metrics")
 			if err != nil {
 				return false, nil
 			}
@@ -208,7 +208,7 @@ func TestTelemetryAttributesPods(t *testing.T) {
 	waitMetric(dpAddr, "tessera_gpu_utilization_percent", 42, g, `component="device-plugin"`)
 	waitMetric(dpAddr, "tessera_profile_reloads_total", 1, `component="device-plugin"`, `result="success"`)
 	waitMetric(draAddr, "tessera_profile_reloads_total", 0, `component="dra"`, `result="failure"`)
-	if p, err := scrape(ctx, "http://"+dpAddr+"/metrics"); err == nil {
+	if p, err := harness.GetURL(ctx, "http://"+dpAddr+"/metrics"); err == nil {
 		if _, ok := metricValue(p, "tessera_gpu_utilization_percent", `gpu="4"`); ok {
 			t.Errorf("the device plugin exports GPU 4, which the DRA driver owns")
 		}

@@ -5,6 +5,7 @@ import (
 	"context"
 	"fmt"
 	"io"
+	"net/http"
 	"os"
 	"path/filepath"
 	"sort"
@@ -278,4 +279,19 @@ func poll(ctx context.Context, interval time.Duration, fn func(context.Context) 
 // ends. Use it instead of sleeping.
 func Poll(ctx context.Context, interval time.Duration, fn func(context.Context) (bool, error)) error {
 	return poll(ctx, interval, fn)
+}
+
+// GetURL returns the body of a plain HTTP GET (a daemon's /metrics page).
+func GetURL(ctx context.Context, url string) (string, error) {
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
+	if err != nil {
+		return "", err
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		return "", err
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	return string(b), err
 }

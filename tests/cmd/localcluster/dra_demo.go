@@ -5,9 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io"
 	"net"
-	"net/http"
 	"os"
 	"path/filepath"
 	"regexp"
@@ -159,7 +157,7 @@ func runDRADemo(ctx context.Context, c *harness.Cluster, binDir string) error {
 	section("Who holds what: the driver's /metrics (docs/metrics.md)")
 	var lines []string
 	err = harness.Poll(ctx, 200*time.Millisecond, func(ctx context.Context) (bool, error) {
-		page, err := scrapeMetrics(ctx, "http://"+metricsAddr+"/metrics")
+		page, err := harness.GetURL(ctx, "http://"+metricsAddr+"/metrics")
 		if err != nil {
 			return false, nil
 		}
@@ -189,20 +187,6 @@ func freeLocalAddr() (string, error) {
 	}
 	defer l.Close()
 	return l.Addr().String(), nil
-}
-
-func scrapeMetrics(ctx context.Context, url string) (string, error) {
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
-	if err != nil {
-		return "", err
-	}
-	resp, err := http.DefaultClient.Do(req)
-	if err != nil {
-		return "", err
-	}
-	defer resp.Body.Close()
-	b, err := io.ReadAll(resp.Body)
-	return string(b), err
 }
 
 func printIndented(out string) {
