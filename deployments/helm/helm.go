@@ -12,7 +12,6 @@ package helm
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -26,6 +25,7 @@ import (
 	"helm.sh/helm/v4/pkg/chart/v2/lint/support"
 	"helm.sh/helm/v4/pkg/chart/v2/loader"
 	"helm.sh/helm/v4/pkg/kube"
+	ri "helm.sh/helm/v4/pkg/release"
 	release "helm.sh/helm/v4/pkg/release/v1"
 	"k8s.io/cli-runtime/pkg/genericclioptions"
 	"sigs.k8s.io/yaml"
@@ -143,9 +143,9 @@ func Render(ctx context.Context, dir, name, namespace string, vals map[string]an
 	if err != nil {
 		return "", fmt.Errorf("rendering chart %s: %w", dir, err)
 	}
-	r, ok := rel.(*release.Release)
-	if !ok {
-		return "", errors.New("unexpected release type")
+	r, err := asRelease(rel)
+	if err != nil {
+		return "", err
 	}
 	return strings.TrimSpace(r.Manifest) + "\n", nil
 }
@@ -172,19 +172,12 @@ func Install(ctx context.Context, dir string, o InstallOptions) (*release.Releas
 	}
 	inst := action.NewInstall(cfg)
 	inst.ReleaseName, inst.Namespace, inst.CreateNamespace = o.Release, o.Namespace, true
-	inst.WaitStrategy = kube.HookOnlyStrategy
-	if o.Wait {
-		inst.WaitStrategy = kube.StatusWatcherStrategy
-	}
+	inst.WaitStrategy = o.waitStrategy()
 	rel, err := inst.RunWithContext(ctx, ch, deepCopy(o.Values))
 	if err != nil {
 		return nil, fmt.Errorf("installing chart %s as %s/%s: %w", dir, o.Namespace, o.Release, err)
 	}
-	r, ok := rel.(*release.Release)
-	if !ok {
-		return nil, errors.New("unexpected release type")
-	}
-	return r, nil
+	return asRelease(rel)
 }
 
 // Upgrade upgrades an installed release to the chart with these values (helm upgrade, values not
@@ -200,17 +193,27 @@ func Upgrade(ctx context.Context, dir string, o InstallOptions) (*release.Releas
 	}
 	up := action.NewUpgrade(cfg)
 	up.Namespace = o.Namespace
-	up.WaitStrategy = kube.HookOnlyStrategy
-	if o.Wait {
-		up.WaitStrategy = kube.StatusWatcherStrategy
-	}
+	up.WaitStrategy = o.waitStrategy()
 	rel, err := up.RunWithContext(ctx, o.Release, ch, deepCopy(o.Values))
 	if err != nil {
 		return nil, fmt.Errorf("upgrading %s/%s to chart %s: %w", o.Namespace, o.Release, dir, err)
 	}
+	return asRelease(rel)
+}
+
+// waitStrategy: Helm waits for the workloads only when asked.
+func (o InstallOptions) waitStrategy() kube.WaitStrategy {
+	if o.Wait {
+		return kube.StatusWatcherStrategy
+	}
+	return kube.HookOnlyStrategy
+}
+
+// asRelease is Helm's result as the v1 release this package's chart makes.
+func asRelease(rel ri.Releaser) (*release.Release, error) {
 	r, ok := rel.(*release.Release)
 	if !ok {
-		return nil, errors.New("unexpected release type")
+		return nil, fmt.Errorf("unexpected release type %T", rel)
 	}
 	return r, nil
 }
