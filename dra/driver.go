@@ -28,6 +28,7 @@ import (
 	"github.com/tessera-gpu/tessera/partitioning/miggate"
 	"github.com/tessera-gpu/tessera/partitioning/mps"
 	"github.com/tessera-gpu/tessera/partitioning/nvmlib"
+	"github.com/tessera-gpu/tessera/telemetry/startup"
 )
 
 // EventRecorder posts Events about the node (profile.NewNodeEvents is the client-go one).
@@ -101,6 +102,12 @@ func WithMPS(m *mps.Manager) Option { return func(d *Driver) error { d.mps = m; 
 // WithVersion sets the driver release recorded in checkpoints.
 func WithVersion(v string) Option { return func(d *Driver) error { d.version = v; return nil } }
 
+// WithStartup records Start's phases (the first publish, the kubelet plugin's sockets and
+// registration) in the daemon's start-up record.
+func WithStartup(p *startup.Phases) Option {
+	return func(d *Driver) error { d.startup = p; return nil }
+}
+
 // WithSysfsRoot sets the sysfs the PCIe root complexes are read from (default /sys).
 func WithSysfsRoot(dir string) Option { return func(d *Driver) error { d.sysfsRoot = dir; return nil } }
 
@@ -133,6 +140,7 @@ type Driver struct {
 	gate         *miggate.Follower
 	noExecute    atomic.Bool
 	version      string
+	startup      *startup.Phases
 	sysfsRoot    string
 	resync       time.Duration
 	healthResend time.Duration
@@ -721,6 +729,7 @@ func (d *Driver) Start(ctx context.Context, opts ...kubeletplugin.Option) error 
 		d.rebuildMu.Unlock()
 		d.firstPublish(ctx, dr)
 	}
+	d.startup.Mark("first-publish")
 	h, err := kubeletplugin.Start(ctx, d, append(base, opts...)...)
 	if err != nil {
 		d.cancel()
@@ -731,6 +740,7 @@ func (d *Driver) Start(ctx context.Context, opts ...kubeletplugin.Option) error 
 	if err := d.SetPublisher(ctx, h); err != nil {
 		return err
 	}
+	d.startup.Mark("kubelet-plugin")
 	return nil
 }
 

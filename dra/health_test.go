@@ -19,6 +19,7 @@ import (
 	"github.com/tessera-gpu/tessera/api"
 	"github.com/tessera-gpu/tessera/health"
 	"github.com/tessera-gpu/tessera/partitioning/nvmlib"
+	"github.com/tessera-gpu/tessera/telemetry/startup"
 )
 
 func xidEvent(gpu int, code uint64) nvmlib.Event {
@@ -235,10 +236,12 @@ func TestDroppedFieldsTurnModesOff(t *testing.T) {
 	})
 	e.client.PrependReactor("update", "resourceslices", strip)
 	events := &eventLog{}
+	phases := startup.New()
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	d, err := New(ctx, lib, WithNodeName(testNode), WithStateDir(e.stateDir), WithCDI(e.gen), WithBootID(node.BootID),
-		WithTimeSlicer(e.slicer), WithKubeClient(e.client), WithResyncInterval(0), WithEvents(events), WithHealth(m))
+		WithTimeSlicer(e.slicer), WithKubeClient(e.client), WithResyncInterval(0), WithEvents(events), WithHealth(m),
+		WithStartup(phases))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -249,6 +252,14 @@ func TestDroppedFieldsTurnModesOff(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer d.Stop()
+	// Start tells the daemon's start-up record where its own time went.
+	var marked []string
+	for _, ph := range phases.List() {
+		marked = append(marked, ph.Name)
+	}
+	if fmt.Sprint(marked) != "[first-publish kubelet-plugin]" {
+		t.Errorf("Start marked %v, want [first-publish kubelet-plugin]", marked)
+	}
 	poll(t, "time-sliced mode and taints turned off", func() (bool, error) {
 		f := d.Features()
 		return f.NoTimeSliced && f.NoTaints && events.has(ReasonModeOff) && events.has(ReasonTaintsOff), nil

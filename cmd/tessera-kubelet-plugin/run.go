@@ -27,6 +27,7 @@ import (
 	"github.com/tessera-gpu/tessera/partitioning/mps"
 	"github.com/tessera-gpu/tessera/profile"
 	"github.com/tessera-gpu/tessera/telemetry"
+	"github.com/tessera-gpu/tessera/telemetry/startup"
 )
 
 // version is stamped at build time (-ldflags "-X main.version=…").
@@ -120,7 +121,7 @@ spec:
 
 // run serves until ctx ends. started, if not nil, is called once the first slices are published.
 func run(ctx context.Context, o options, started func(*dra.Driver)) error {
-	t0 := time.Now()
+	phases := startup.New()
 	logger := klog.FromContext(ctx)
 	if o.nodeName == "" {
 		return errors.New("--node-name (or NODE_NAME) is required")
@@ -134,6 +135,7 @@ func run(ctx context.Context, o options, started func(*dra.Driver)) error {
 		return err
 	}
 	defer lib.Shutdown()
+	phases.Mark("nvml")
 	cfg, err := restConfig(o)
 	if err != nil {
 		return err
@@ -147,6 +149,7 @@ func run(ctx context.Context, o options, started func(*dra.Driver)) error {
 	if err != nil {
 		return err
 	}
+	phases.Mark("api-clients")
 
 	bootIDFn := backend.BootIDFunc(nil)
 	smi := filepath.Join(o.driverRoot, "usr/bin/nvidia-smi")
@@ -231,6 +234,7 @@ func run(ctx context.Context, o options, started func(*dra.Driver)) error {
 		gate = miggate.NewFollower(dir, miggate.FrontEndDRA, bootID)
 		logger.Info("Following the MIG manager's handshake", "dir", dir, "holds", miggate.FormatHolds(gate.Holds()))
 	}
+	phases.Mark("profile")
 	policy, err := dra.HealthPolicy(res.Health)
 	if err != nil {
 		return fmt.Errorf("sharing profile health settings: %w", err)
@@ -241,7 +245,7 @@ func run(ctx context.Context, o options, started func(*dra.Driver)) error {
 		dra.WithNodeName(o.nodeName), dra.WithKubeClient(client), dra.WithStatusClient(statusClient), dra.WithStateDir(o.stateDir), dra.WithCDI(gen),
 		dra.WithBootID(func() (string, error) { return bootID, nil }), dra.WithTimeSlicer(dra.NvidiaSMI{Path: smi}), dra.WithEvents(events),
 		dra.WithHealth(monitor), dra.WithVersion(version), dra.WithSysfsRoot(o.sysfsRoot), dra.WithResyncInterval(o.resync),
-		dra.WithMPS(mps.NewManager(lib, mpsOpts...)),
+		dra.WithMPS(mps.NewManager(lib, mpsOpts...)), dra.WithStartup(phases),
 	}
 	if gate != nil {
 		dopts = append(dopts, dra.WithMIGGate(gate))
@@ -250,9 +254,11 @@ func run(ctx context.Context, o options, started func(*dra.Driver)) error {
 	if err != nil {
 		return err
 	}
+	phases.Mark("checkpoints")
 	if err := d.SetResolution(ctx, res); err != nil {
 		return err
 	}
+	phases.Mark("inventory")
 	pluginDir := filepath.Join(o.pluginsDir, dra.DriverName)
 	if err := os.MkdirAll(pluginDir, 0o750); err != nil {
 		return err
@@ -270,7 +276,7 @@ func run(ctx context.Context, o options, started func(*dra.Driver)) error {
 	defer d.Stop()
 	inv := d.Inventory()
 	logger.Info("Serving the kubelet", "driver", dra.DriverName, "node", o.nodeName, "version", version,
-		"devices", len(inv.Devices), "skippedGPUs", len(inv.Skipped), "bootID", d.BootID(), "startToFirstSlice", time.Since(t0))
+		"devices", len(inv.Devices), "skippedGPUs", len(inv.Skipped), "bootID", d.BootID())
 
 	if watcher != nil {
 		go func() {
@@ -296,6 +302,7 @@ func run(ctx context.Context, o options, started func(*dra.Driver)) error {
 		if watcher != nil {
 			reg.MustRegister(telemetry.ProfileReloads("dra", watcher.Reloads))
 		}
+		reg.MustRegister(phases.Collector("dra"))
 		own := func(context.Context) []byte {
 			var b bytes.Buffer
 			d.Metrics().WriteText(&b)
@@ -313,7 +320,12 @@ func run(ctx context.Context, o options, started func(*dra.Driver)) error {
 		if _, err := telemetry.ServeWaiting(mctx, o.metricsAddress, telemetry.Handler(own, reg), wait); err != nil {
 			return err
 		}
+		phases.Mark("metrics")
 	}
+	// One line says where start-up went, from main (after flag parsing) to serving; the process's
+	// own start before main (loading the executable, package initialisation) is not in it.
+	logger.Info("Started", "mainStarted", phases.Started().UTC().Format(time.RFC3339Nano), "total", phases.Total(),
+		"phases", phases.String())
 	if started != nil {
 		started(d)
 	}

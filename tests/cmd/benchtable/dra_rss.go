@@ -8,18 +8,26 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
+	"strings"
+	"sync"
 	"time"
 
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
 	"github.com/tessera-gpu/tessera/dra"
+	"github.com/tessera-gpu/tessera/telemetry/startup"
 	"github.com/tessera-gpu/tessera/tests/harness"
 )
 
 // draResult is the DRA kubelet plugin's figures on the local cluster.
 type draResult struct {
 	rssMB, anonMB, fileMB, sliceMs float64
-	note                           string
+	// Where the time to the slices went: process start to main (mainMs), then the daemon's own
+	// start-up phases (its "Started" log line).
+	mainMs float64
+	phases []startup.Phase
+	note   string
 }
 
 // measureDRAPlugin runs tessera-kubelet-plugin for the local cluster's node (a real API server and
@@ -74,7 +82,7 @@ func measureDRAPlugin() draResult {
 	}
 	clean()
 	defer clean()
-	var logs bytes.Buffer
+	var logs syncBuffer
 	cmd := exec.Command(bin, "--nvml=sim:dgx-h100", "--sim-state-dir="+filepath.Join(dir, "sim"),
 		"--kubeconfig="+c.PluginKubeconfig, "--node-name="+c.NodeName,
 		"--kubelet-registry-dir="+c.PluginRegistryDir, "--kubelet-plugins-dir="+c.PluginsDir,
@@ -104,6 +112,14 @@ func measureDRAPlugin() draResult {
 		return res
 	}
 	res.sliceMs = float64(time.Since(t0).Microseconds()) / 1e3
+	if err := harness.Poll(ctx, 10*time.Millisecond, func(context.Context) (bool, error) {
+		return strings.Contains(logs.String(), `"Started"`), nil
+	}); err == nil {
+		res.mainMs, res.phases, err = startedLine(logs.String(), t0)
+		if err != nil {
+			res.note = err.Error()
+		}
+	}
 	peak, anon, file, err := peakRSS(cmd.Process.Pid, 6, 500*time.Millisecond)
 	if err != nil {
 		res.note = err.Error()
@@ -111,4 +127,45 @@ func measureDRAPlugin() draResult {
 	}
 	res.rssMB, res.anonMB, res.fileMB = peak, anon, file
 	return res
+}
+
+var (
+	mainStartedRE = regexp.MustCompile(`"Started".* mainStarted="([^"]+)"`)
+	phasesRE      = regexp.MustCompile(`"Started".* phases="([^"]*)"`)
+)
+
+// startedLine reads the daemon's "Started" log line: the time from t0 (the process's start) to its
+// main, and its start-up phases.
+func startedLine(logs string, t0 time.Time) (float64, []startup.Phase, error) {
+	m, p := mainStartedRE.FindStringSubmatch(logs), phasesRE.FindStringSubmatch(logs)
+	if m == nil || p == nil {
+		return 0, nil, fmt.Errorf("no start-up phases in the log: %s", tail(logs))
+	}
+	at, err := time.Parse(time.RFC3339Nano, m[1])
+	if err != nil {
+		return 0, nil, fmt.Errorf("start-up log line: mainStarted: %w", err)
+	}
+	phases, err := startup.Parse(p[1])
+	if err != nil {
+		return 0, nil, err
+	}
+	return float64(at.Sub(t0).Microseconds()) / 1e3, phases, nil
+}
+
+// syncBuffer is a bytes.Buffer a child process's output goroutines write while we read it.
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
 }

@@ -94,6 +94,7 @@ func run(short bool, out string, doRSS bool) error {
 		fmt.Fprintln(os.Stderr, "tessera-kubelet-plugin: start to ResourceSlices and RSS on the local cluster")
 		d := measureDRAPlugin()
 		ex.DRARSSMB, ex.DRAAnonMB, ex.DRAFileMB, ex.DRASliceMs, ex.DRANote = d.rssMB, d.anonMB, d.fileMB, d.sliceMs, d.note
+		ex.DRAMainMs, ex.DRAPhases = d.mainMs, d.phases
 		if d.note != "" {
 			fmt.Fprintln(os.Stderr, "tessera-kubelet-plugin:", d.note)
 		}
@@ -156,7 +157,14 @@ Notes:
   20 MB larger, whatever the daemon touches. The DRA plugin runs for the local cluster's node (real
   API server and kubelet; the cluster ` + "`make demo`" + ` runs, or one started from the cached binaries),
   its 8 simulated GPUs whole; start to ResourceSlices is process start until the API server lists
-  its 8 devices.
+  its 8 devices (polled every 10 ms). Where that time goes: process start to the daemon's main
+  (loading the executable from disk, package initialisation), then the phases the daemon logs in
+  its "Started" line and exports as ` + "`tessera_dra_startup_phase_seconds`" + `: nvml (open the
+  library or the simulator), api-clients, profile (CDI generator, sharing profile, boot ID, MIG
+  manager handshake), checkpoints (` + "`dra.New`" + `: restoring prepared claims), inventory (read the
+  GPUs, build the devices), first-publish (the slices created directly, before the helper's
+  ResourceSlice controller, which waits for its informer in one-second steps — the sync floor of
+  the target — has synced), then kubelet-plugin (the helper's sockets and registration) and metrics.
 - MIG start-up reconcile: ` + "`dra.New`" + ` (then Stop) over the state of 56 prepared claims, one per MIG device of a
   simulated dgx-h100 cut all-1g (mig-static), checkpoints and CDI specs in place; the baseline reads
   the 56 checkpoint files. Medians.

@@ -7,6 +7,8 @@ import (
 	"regexp"
 	"strconv"
 	"strings"
+
+	"github.com/tessera-gpu/tessera/telemetry/startup"
 )
 
 // Results are the metrics of each benchmark, by name without the GOMAXPROCS suffix
@@ -129,6 +131,42 @@ type Extra struct {
 	// Zero or NaN: not measured, DRANote says why.
 	DRARSSMB, DRAAnonMB, DRAFileMB, DRASliceMs float64
 	DRANote                                    string
+	// Where DRASliceMs went: process start to main, then the daemon's start-up phases in order.
+	DRAMainMs float64
+	DRAPhases []startup.Phase
+}
+
+// helperSyncFloorMs is the earliest the kubeletplugin helper's own ResourceSlice controller writes
+// a node's first slices: it waits for its informer in one-second steps
+// (k8s.io/dynamic-resource-allocation/resourceslice, Controller.initInformer) before its first sync.
+const helperSyncFloorMs = 1000
+
+// firstSliceTarget is the target for start to first ResourceSlice.
+const firstSliceTarget = "≤ helper's sync floor (1 s informer wait) + 100 ms"
+
+// phaseBreakdown says where the time to the first slices went: process start to main, each phase
+// of the daemon up to and including its first publish, and what the poll that saw the slices added;
+// phases after the first publish follow as "then".
+func phaseBreakdown(total, mainMs float64, phases []startup.Phase) string {
+	parts := []string{"start → main " + num(mainMs)}
+	sum := mainMs
+	var after []string
+	published := false
+	for _, ph := range phases {
+		ms := float64(ph.Took.Microseconds()) / 1e3
+		if published {
+			after = append(after, ph.Name+" "+num(ms))
+			continue
+		}
+		parts = append(parts, ph.Name+" "+num(ms))
+		sum += ms
+		published = ph.Name == "first-publish"
+	}
+	out := strings.Join(parts, " · ") + " · seen by the 10 ms poll " + num(max(0, total-sum)) + " (ms)"
+	if len(after) > 0 {
+		out += "; then " + strings.Join(after, " · ")
+	}
+	return out
 }
 
 // BuildRows turns the benchmarks' metrics into the table, each figure beside its baseline and
@@ -221,11 +259,16 @@ func BuildRows(r Results, ex Extra, rec Recorded) []Row {
 		num(rec.PrepareP99ms) + " ms", "bare claim GET p99 " + num(rec.GetP99ms) + " ms", x(rec.PrepareX), verdict(rec.PrepareX <= 10) + " (recorded)"})
 	add(Row{dr, "claims/s, 8 callers, real API server [recorded, " + rec.Source + "; not run by make bench]", "≥ 500 claims/s",
 		num(rec.ClaimsPerSec), "—", "—", verdict(rec.ClaimsPerSec >= 500) + " (recorded)"})
-	add(Row{dr, "start to first ResourceSlice [recorded, " + rec.Source + "; not run by make bench]", "≤ helper's sync floor + 100 ms",
-		num(rec.FirstSliceMs) + " ms", "—", "—", verdict(rec.FirstSliceMs <= 100) + " (recorded)"})
+	add(Row{dr, "start to first ResourceSlice, warm restart [recorded, " + rec.Source + "; not run by make bench]", firstSliceTarget,
+		num(rec.FirstSliceMs) + " ms", "—", "—", verdict(rec.FirstSliceMs <= helperSyncFloorMs+100) + " (recorded)"})
 	if measured := func(v float64) bool { return v > 0 && !math.IsNaN(v) }; measured(ex.DRARSSMB) {
-		add(Row{dr, "start to ResourceSlices (process start → 8 devices in the API server), local cluster", NoTarget,
-			num(ex.DRASliceMs) + " ms", "—", "—", NoTarget})
+		add(Row{dr, "start to ResourceSlices (process start → 8 devices in the API server, executable read from disk), local cluster", firstSliceTarget,
+			num(ex.DRASliceMs) + " ms", "helper's sync floor " + num(helperSyncFloorMs) + " ms", x(ex.DRASliceMs / helperSyncFloorMs),
+			verdict(ex.DRASliceMs <= helperSyncFloorMs+100)})
+		if len(ex.DRAPhases) > 0 {
+			add(Row{dr, "where start to ResourceSlices goes (the daemon's start-up phases, its \"Started\" log line)", NoTarget,
+				phaseBreakdown(ex.DRASliceMs, ex.DRAMainMs, ex.DRAPhases), "—", "—", NoTarget})
+		}
 		add(Row{dr, "RSS of tessera-kubelet-plugin, simulated dgx-h100, 8 whole GPUs, real API server and kubelet (executable read from disk)", "≤ 40 MB",
 			num(ex.DRARSSMB) + " MB (anon " + num(ex.DRAAnonMB) + " + file " + num(ex.DRAFileMB) + ")", "—", "—", verdict(ex.DRARSSMB <= 40)})
 	} else {

@@ -4,6 +4,9 @@ import (
 	"math"
 	"strings"
 	"testing"
+	"time"
+
+	"github.com/tessera-gpu/tessera/telemetry/startup"
 )
 
 // Output as `go test -bench` prints it (trimmed), with one Allocate size over its target, a GPU
@@ -141,11 +144,36 @@ func TestRowsAndVerdicts(t *testing.T) {
 	if r := find(t, rows, "RSS of tessera-kubelet-plugin"); r.Verdict != Miss || r.Measured != "52.5 MB (anon 14 + file 38.5)" {
 		t.Errorf("DRA RSS row: %+v", r)
 	}
-	if r := find(t, rows, "start to ResourceSlices"); r.Measured != "850 ms" {
+	if r := find(t, rows, "start to ResourceSlices"); r.Measured != "850 ms" || r.Verdict != Pass || r.Ratio != "0.85×" {
 		t.Errorf("DRA start row: %+v", r)
+	}
+	rows = rowsOf(t, sample, Extra{RSSMB: math.NaN(), StartMs: math.NaN(), DRARSSMB: 30, DRASliceMs: 1150, DRAMainMs: 100,
+		DRAPhases: []startup.Phase{{Name: "nvml", Took: 40 * time.Millisecond}, {Name: "first-publish", Took: 1000 * time.Millisecond},
+			{Name: "kubelet-plugin", Took: 5 * time.Millisecond}}})
+	if r := find(t, rows, "start to ResourceSlices"); r.Verdict != Miss {
+		t.Errorf("1150 ms is past the helper's floor + 100 ms: %+v", r)
+	}
+	if r := find(t, rows, "where start to ResourceSlices goes"); r.Measured != "start → main 100 · nvml 40 · first-publish 1000 · seen by the 10 ms poll 10 (ms); then kubelet-plugin 5" {
+		t.Errorf("breakdown row: %q", r.Measured)
 	}
 	if md := Markdown(BuildRows(Results{}, Extra{RSSMB: 1, StartMs: 1}, recorded)); strings.Count(md, "\n") != len(BuildRows(Results{}, Extra{}, recorded))+2 {
 		t.Errorf("table lines:\n%s", md)
+	}
+}
+
+func TestStartedLine(t *testing.T) {
+	t0 := time.Date(2026, 12, 5, 21, 0, 0, 0, time.UTC)
+	logs := "I1205 21:00:00.100000 1 run.go:10] \"Serving the kubelet\" driver=\"gpu.tessera.dev\"\n" +
+		"I1205 21:00:00.130000 1 run.go:20] \"Started\" mainStarted=\"2026-12-05T21:00:00.0425Z\" total=\"80ms\" phases=\"nvml=12.500ms first-publish=30.000ms\"\n"
+	mainMs, phases, err := startedLine(logs, t0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if mainMs != 42.5 || len(phases) != 2 || phases[0] != (startup.Phase{Name: "nvml", Took: 12500 * time.Microsecond}) || phases[1].Name != "first-publish" {
+		t.Errorf("startedLine = %v, %v", mainMs, phases)
+	}
+	if _, _, err := startedLine("I1205 \"Serving the kubelet\"\n", t0); err == nil {
+		t.Error("a log without the Started line parsed")
 	}
 }
 
