@@ -233,7 +233,7 @@ func (g *Generator) WriteNodeSpec(devices []Device) (string, error) {
 	if err != nil {
 		return "", fmt.Errorf("cdi: node spec: %w", err)
 	}
-	path, err := g.write(spec, g.NodeSpecName())
+	path, err := g.write(spec, g.NodeSpecName(), true)
 	if err != nil {
 		return "", fmt.Errorf("cdi: node spec: %w", err)
 	}
@@ -255,7 +255,7 @@ func (g *Generator) WriteClaimSpec(claimUID string, devices []Device) ([]string,
 	if err != nil {
 		return nil, fmt.Errorf("cdi: %w", err)
 	}
-	if _, err := g.write(spec, g.ClaimSpecName(claimUID)); err != nil {
+	if _, err := g.write(spec, g.ClaimSpecName(claimUID), false); err != nil {
 		return nil, fmt.Errorf("cdi: claim %s: %w", claimUID, err)
 	}
 	return names, nil
@@ -286,11 +286,18 @@ func (g *Generator) tmpPrefix() string {
 	return "." + cdiapi.GenerateSpecName(g.vendor, g.class)
 }
 
-// write validates spec exactly as a container runtime will read it — marshalled, written to a
-// temporary file in the spec directory and loaded from there with the CDI library — and then renames
-// it over name. A YAML twin of the file (same name, .yaml), if ours, is removed, as its devices
-// would collide with the new file's.
-func (g *Generator) write(spec *specs.Spec, name string) (string, error) {
+// write validates spec with the CDI library's rules (validate), writes it to a temporary file in the
+// spec directory and renames it over name, so a runtime never reads half a spec. A YAML twin of the
+// file (same name, .yaml), if ours, is removed, as its devices would collide with the new file's.
+//
+// With durable, the file and the directory are fsynced (the node spec, written once at start). A
+// claim's spec is not: it serves only this boot — a process crash leaves it in the page cache, and
+// after a power loss the boot ID has changed and start-up drops the claims of the earlier boot with
+// their specs — and on a node the spec directory is a tmpfs anyway. Its checkpoints are fsynced.
+func (g *Generator) write(spec *specs.Spec, name string, durable bool) (string, error) {
+	if err := validate(spec); err != nil {
+		return "", fmt.Errorf("the spec failed validation and was not written: %w", err)
+	}
 	data, err := json.MarshalIndent(spec, "", "  ")
 	if err != nil {
 		return "", err
@@ -311,16 +318,11 @@ func (g *Generator) write(spec *specs.Spec, name string) (string, error) {
 	if werr == nil {
 		werr = f.Chmod(0o644) // explicit: the umask must not make it unreadable
 	}
-	if werr == nil {
+	if werr == nil && durable {
 		werr = f.Sync()
 	}
 	if cerr := f.Close(); werr == nil {
 		werr = cerr
-	}
-	if werr == nil {
-		if _, verr := cdiapi.ReadSpec(tmp, 0); verr != nil {
-			werr = fmt.Errorf("the spec failed validation and was not written: %w", verr)
-		}
 	}
 	path := filepath.Join(dir, name)
 	if werr == nil {
@@ -330,7 +332,9 @@ func (g *Generator) write(spec *specs.Spec, name string) (string, error) {
 		_ = os.Remove(tmp)
 		return "", werr
 	}
-	syncDir(dir)
+	if durable {
+		syncDir(dir)
+	}
 	if twin := strings.TrimSuffix(path, specExt) + ".yaml"; g.isOurs(twin) {
 		_ = os.Remove(twin)
 	}

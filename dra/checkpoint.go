@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"sort"
 	"strings"
 	"time"
@@ -49,6 +50,14 @@ func (c ClaimRef) String() string { return c.Namespace + "/" + c.Name + " (" + s
 
 // PreparedDevice is one allocated device of a claim, with everything needed to undo its preparation
 // without the claim or the current inventory.
+// changesNode reports whether preparing the checkpoint's devices changes anything on the node
+// besides the claim's CDI spec: a time-slice interval set, a MIG instance made, an MPS client added.
+func (c *Checkpoint) changesNode() bool {
+	return slices.ContainsFunc(c.Devices, func(pd PreparedDevice) bool {
+		return pd.Interval != "" || pd.Dynamic != nil || pd.MPSClient != ""
+	})
+}
+
 type PreparedDevice struct {
 	// Requests are the claim requests the device serves (as in the allocation result).
 	Requests []string `json:"requests"`

@@ -232,9 +232,15 @@ func (d *Driver) prepare(ctx context.Context, claim *resourceapi.ResourceClaim, 
 		return nil, err
 	}
 	sw.lap("inUse")
-	if err := d.ckpt.write(c); err != nil {
-		d.forget(ref.UID)
-		return nil, err
+	// PrepareStarted exists so that a crash part-way undoes what was changed on the node. A claim
+	// whose Prepare changes nothing there (a whole GPU, an existing MIG device, a share without MPS)
+	// leaves only its CDI spec behind, and start-up removes specs no checkpoint owns: it goes straight
+	// to PrepareCompleted, one fsynced write instead of two.
+	if c.changesNode() {
+		if err := d.ckpt.write(c); err != nil {
+			d.forget(ref.UID)
+			return nil, err
+		}
 	}
 	sw.lap("started")
 	if d.hooks.afterStarted != nil {

@@ -332,6 +332,39 @@ func TestCrashBetweenPhases(t *testing.T) {
 	}
 }
 
+// A claim whose Prepare changes nothing on the node (a whole GPU, no interval) writes no
+// PrepareStarted checkpoint: a crash after its spec is written leaves only the spec, which the next
+// start removes, and the retry prepares the claim cleanly.
+func TestCrashWithoutNodeChangesLeavesOnlyTheSpec(t *testing.T) {
+	e := mixedEnv(t)
+	crash := errors.New("simulated crash")
+	var atStarted error
+	e.d.hooks.afterStarted = func(ref ClaimRef) error {
+		_, atStarted = e.checkpoint(ref.UID)
+		return nil
+	}
+	e.d.hooks.beforeCompleted = func(ClaimRef) error { return crash }
+	c := e.claim("plain", []alloc{{"gpu", "gpu-0", false}})
+	if r := e.prepare(c)[c.UID]; !errors.Is(r.Err, crash) {
+		t.Fatalf("prepare: %v", r.Err)
+	}
+	if !errors.Is(atStarted, ErrNoCheckpoint) {
+		t.Errorf("a whole-GPU claim wrote a PrepareStarted checkpoint: %v", atStarted)
+	}
+	if !e.hasSpec(c.UID) {
+		t.Fatal("the crash came after the spec was written, but there is none")
+	}
+	e.d.hooks.afterStarted, e.d.hooks.beforeCompleted = nil, nil
+	e.start()
+	if e.hasSpec(c.UID) {
+		t.Error("the spec of a prepare that never completed was not removed at start")
+	}
+	e.mustPrepare(c)
+	if cp, err := e.checkpoint(c.UID); err != nil || cp.Phase != PhaseCompleted || !e.hasSpec(c.UID) {
+		t.Errorf("retry: %+v %v", cp, err)
+	}
+}
+
 // A simulated reboot (new boot ID, MIG instances gone): prepares of the earlier boot are dropped at
 // start and the claims prepare again; a missing spec of this boot is written again.
 func TestRebootAndMissingSpec(t *testing.T) {
