@@ -436,27 +436,45 @@ func (d *Driver) UnprepareResourceClaims(ctx context.Context, claims []kubeletpl
 
 // lockCheckpoint reads a claim's checkpoint, takes the locks of its GPUs and reads it again (another
 // driver instance may have changed it while this one waited). A claim without checkpoint gives nil.
+//
+// The GPUs to lock come from the index when it has the claim (the file is read once, under the
+// locks); if the file then names other GPUs — another instance prepared the claim again meanwhile —
+// the locks are taken again for those.
 func (d *Driver) lockCheckpoint(ctx context.Context, uid types.UID) (*Checkpoint, func(), error) {
-	c, err := d.ckpt.read(uid)
-	if errors.Is(err, ErrNoCheckpoint) {
-		d.forget(uid)
-		return nil, func() {}, nil
+	var gpus []string
+	if c := d.indexed(uid); c != nil && c.Phase != "unreadable" {
+		gpus = c.GPUs()
+	} else {
+		c, err := d.ckpt.read(uid)
+		if errors.Is(err, ErrNoCheckpoint) {
+			d.forget(uid)
+			return nil, func() {}, nil
+		}
+		if err != nil {
+			return nil, nil, err
+		}
+		gpus = c.GPUs()
 	}
-	if err != nil {
-		return nil, nil, err
+	for {
+		unlock, err := d.locks.Lock(ctx, gpus)
+		if err != nil {
+			return nil, nil, err
+		}
+		c, err := d.ckpt.read(uid)
+		if errors.Is(err, ErrNoCheckpoint) {
+			d.forget(uid)
+			return nil, unlock, nil
+		} else if err != nil {
+			unlock()
+			return nil, nil, err
+		}
+		if now := c.GPUs(); !slices.Equal(now, gpus) {
+			unlock()
+			gpus = now
+			continue
+		}
+		return c, unlock, nil
 	}
-	unlock, err := d.locks.Lock(ctx, c.GPUs())
-	if err != nil {
-		return nil, nil, err
-	}
-	if c, err = d.ckpt.read(uid); errors.Is(err, ErrNoCheckpoint) {
-		d.forget(uid)
-		return nil, unlock, nil
-	} else if err != nil {
-		unlock()
-		return nil, nil, err
-	}
-	return c, unlock, nil
 }
 
 func (d *Driver) unprepare(ctx context.Context, obj kubeletplugin.NamespacedObject) error {

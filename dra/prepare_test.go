@@ -537,6 +537,51 @@ func TestNoNodeWideLock(t *testing.T) {
 	}
 }
 
+// Unprepare takes the locks of the GPUs the checkpoint file names, even when this instance's index
+// remembers the claim on other GPUs (another instance prepared it again meanwhile): while another
+// instance holds GPU 0's lock, the Unprepare of a claim now on GPU 0 waits.
+func TestUnprepareLocksTheGPUsOnDisk(t *testing.T) {
+	e := mixedEnv(t)
+	c := e.claim("moved", []alloc{{"gpu", "gpu-0", false}})
+	e.mustPrepare(c)
+	// This instance's index says GPU 1: stale.
+	stale := *e.d.indexed(c.UID)
+	stale.Devices = slices.Clone(stale.Devices)
+	stale.Devices[0].CDI.GPU.UUID = e.d.Inventory().Devices[1].GPU.UUID
+	e.d.idxMu.Lock()
+	e.d.index[c.UID] = &stale
+	e.d.idxMu.Unlock()
+
+	other, err := newGPULocks(filepath.Join(e.stateDir, "locks"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer other.Close()
+	unlock, err := other.Lock(context.Background(), []string{e.d.Inventory().Devices[0].GPU.UUID})
+	if err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() { done <- e.unprepare(c) }()
+	select {
+	case err := <-done:
+		t.Fatalf("unprepared while another instance held the lock of the GPU the checkpoint names: %v", err)
+	case <-time.After(300 * time.Millisecond):
+	}
+	unlock()
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("the Unprepare did not finish after the lock was released")
+	}
+	if _, err := e.checkpoint(c.UID); !errors.Is(err, ErrNoCheckpoint) {
+		t.Errorf("checkpoint after unprepare: %v", err)
+	}
+}
+
 // A claim deallocated and allocated again (same UID, another device) without an Unprepare in
 // between: the earlier preparation is undone, the new one made.
 func TestReallocatedClaim(t *testing.T) {
