@@ -4,6 +4,7 @@ package e2e
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -204,7 +205,20 @@ func TestDRADriverBenchmark(t *testing.T) {
 	fmt.Fprintf(&b, "start to first slice (3 cold starts):    median %s, max %s\n", ms(firsts.pct(.5)), ms(firsts.pct(1)))
 	t.Logf("DRA driver on the real API server (simulated dgx-h100, 56 MIG devices):\n%s", b.String())
 	if dir := os.Getenv("TESSERA_BENCH_OUT"); dir != "" {
-		_ = os.WriteFile(filepath.Join(dir, "dra-bench.txt"), []byte(b.String()), 0o644)
+		pc := func(l latencies) harness.Percentiles {
+			return harness.Percentiles{P50ms: float64(l.pct(.5).Microseconds()) / 1e3, P99ms: float64(l.pct(.99).Microseconds()) / 1e3}
+		}
+		fig := harness.DRABenchFigures{Callers: 8, GetSerial: pc(getSerial[0]), GetParallel: pc(getPar[0]),
+			PrepareSerial: pc(serial[0]), UnprepareSerial: pc(serial[1]), PrepareParallel: pc(par[0]), UnprepareParallel: pc(par[1]),
+			ClaimsPerSecSerial: float64(n) / serialWall.Seconds(), ClaimsPerSecParallel: float64(len(par[0])) / parWall.Seconds(),
+			FirstSliceMs: float64(firsts.pct(.5).Microseconds()) / 1e3}
+		data, err := json.Marshal(fig)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(filepath.Join(dir, harness.DRABenchFile), data, 0o644); err != nil {
+			t.Fatal(err)
+		}
 	}
 }
 

@@ -38,12 +38,8 @@ type draResult struct {
 // how to get them, since building them takes minutes.
 func measureDRAPlugin() draResult {
 	res := draResult{rssMB: nan(), anonMB: nan(), fileMB: nan(), sliceMs: nan()}
-	cache := harness.DefaultCacheDir()
-	for _, d := range []string{"kubernetes-" + harness.KubernetesVersion, "etcd-" + harness.EtcdVersion, "containerd-" + harness.ContainerdVersion} {
-		if _, err := os.Stat(filepath.Join(cache, "bin", d, ".stamp")); err != nil {
-			res.note = "the local cluster's binaries are not built (make test, make demo or go run ./tests/cmd/localcluster build)"
-			return res
-		}
+	if res.note = clusterBinariesCached(); res.note != "" {
+		return res
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()

@@ -7,6 +7,7 @@ import (
 	"time"
 
 	"github.com/tessera-gpu/tessera/telemetry/startup"
+	"github.com/tessera-gpu/tessera/tests/harness"
 )
 
 // Output as `go test -bench` prints it (trimmed), with one Allocate size over its target, a GPU
@@ -155,6 +156,29 @@ func TestRowsAndVerdicts(t *testing.T) {
 	}
 	if r := find(t, rows, "where start to ResourceSlices goes"); r.Measured != "start → main 100 · nvml 40 · first-publish 1000 · seen by the 10 ms poll 10 (ms); then kubelet-plugin 5" {
 		t.Errorf("breakdown row: %q", r.Measured)
+	}
+	// The DRA driver's figures on the real API server, run by this command.
+	live := &harness.DRABenchFigures{Callers: 8, GetSerial: harness.Percentiles{P50ms: 1, P99ms: 2}, GetParallel: harness.Percentiles{P50ms: 3, P99ms: 8},
+		PrepareSerial: harness.Percentiles{P50ms: 3, P99ms: 6}, PrepareParallel: harness.Percentiles{P50ms: 20, P99ms: 90},
+		ClaimsPerSecSerial: 200, ClaimsPerSecParallel: 520, FirstSliceMs: 45}
+	rows = rowsOf(t, sample, Extra{RSSMB: math.NaN(), StartMs: math.NaN(), DRACluster: live})
+	if r := find(t, rows, "GET + Prepare p50 / p99 (Unprepare p50 / p99), 8 parallel callers, kubelet-like"); r.Verdict != Miss || r.Ratio != "p99 11.2×" {
+		t.Errorf("Prepare p99 at 11.25× the GET: %+v", r)
+	}
+	if r := find(t, rows, "claims/s (Prepare + Unprepare), 8 parallel callers, kubelet-like"); r.Verdict != Pass || r.Measured != "520" {
+		t.Errorf("520 claims/s: %+v", r)
+	}
+	if r := find(t, rows, "start to first ResourceSlice, warm restart"); r.Verdict != Pass || strings.Contains(r.Figure, "recorded") {
+		t.Errorf("first slice row: %+v", r)
+	}
+	for _, r := range rows {
+		if strings.Contains(r.Figure, "real API server [recorded") {
+			t.Errorf("a recorded DRA row beside the live ones: %s", r.Figure)
+		}
+	}
+	rows = rowsOf(t, sample, Extra{RSSMB: math.NaN(), StartMs: math.NaN(), DRAClusterNote: "a local cluster is running"})
+	if r := find(t, rows, "claims/s, 8 callers, real API server [recorded"); !strings.Contains(r.Figure, "a local cluster is running") {
+		t.Errorf("the recorded row does not say why: %+v", r)
 	}
 	if md := Markdown(BuildRows(Results{}, Extra{RSSMB: 1, StartMs: 1}, recorded)); strings.Count(md, "\n") != len(BuildRows(Results{}, Extra{}, recorded))+2 {
 		t.Errorf("table lines:\n%s", md)

@@ -1,0 +1,27 @@
+package harness
+
+// DRABenchFile is the file the DRA driver's cluster benchmark (tests/e2e TestDRADriverBenchmark)
+// writes its figures to, in the directory named by $TESSERA_BENCH_OUT, for `make bench`.
+const DRABenchFile = "dra-bench.json"
+
+// Percentiles are a latency's median and 99th percentile, in milliseconds.
+type Percentiles struct {
+	P50ms float64 `json:"p50ms"`
+	P99ms float64 `json:"p99ms"`
+}
+
+// DRABenchFigures are the DRA driver's figures on the local cluster: a kubelet-like gRPC client on
+// its socket, the real API server's claim GET as the baseline, serially and with Callers parallel
+// callers; claims per second of Prepare + Unprepare; start to first ResourceSlice over warm restarts.
+type DRABenchFigures struct {
+	Callers              int         `json:"callers"`
+	GetSerial            Percentiles `json:"getSerial"`
+	GetParallel          Percentiles `json:"getParallel"`
+	PrepareSerial        Percentiles `json:"prepareSerial"`
+	UnprepareSerial      Percentiles `json:"unprepareSerial"`
+	PrepareParallel      Percentiles `json:"prepareParallel"`
+	UnprepareParallel    Percentiles `json:"unprepareParallel"`
+	ClaimsPerSecSerial   float64     `json:"claimsPerSecSerial"`
+	ClaimsPerSecParallel float64     `json:"claimsPerSecParallel"`
+	FirstSliceMs         float64     `json:"firstSliceMs"`
+}
