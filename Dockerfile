@@ -21,6 +21,8 @@ WORKDIR /src
 COPY go.mod go.sum ./
 RUN --mount=type=cache,target=/go/pkg/mod go mod download
 COPY . .
+# -tags grpcnotrace: the Makefile's GOTAGS (gRPC's tracing pages out of the daemons: 28 MB less
+# executable, about 10 MB less RSS each).
 RUN --mount=type=cache,target=/go/pkg/mod --mount=type=cache,target=/root/.cache/go-build \
     set -eux; \
     case "$TARGETARCH/$(go env GOARCH)" in \
@@ -28,7 +30,7 @@ RUN --mount=type=cache,target=/go/pkg/mod --mount=type=cache,target=/root/.cache
       amd64/arm64) export CC=x86_64-linux-gnu-gcc ;; \
     esac; \
     CGO_ENABLED=1 GOOS=linux GOARCH=$TARGETARCH CGO_CFLAGS="-O2 -g -Wno-deprecated-declarations" \
-      go build -trimpath -ldflags="-s -w" -o /out/usr/bin/ ./cmd/...
+      go build -tags grpcnotrace -trimpath -ldflags="-s -w" -o /out/usr/bin/ ./cmd/...
 
 # distroless/base: glibc and the loader, nothing else (no shell); the same files make image takes.
 FROM gcr.io/distroless/base-debian12:nonroot AS runtime

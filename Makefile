@@ -6,6 +6,12 @@ PKGS      := ./...
 E2E_FLAGS ?=
 # go-nvml's cgo prolog references NVML calls the header marks deprecated; the warnings are noise.
 export CGO_CFLAGS ?= -O2 -g -Wno-deprecated-declarations
+# Build tags of the shipped binaries. grpcnotrace keeps gRPC's golang.org/x/net/trace out of the
+# daemons: its /debug/requests pages (never served: nothing uses http.DefaultServeMux) link
+# html/template, which calls methods by name, and a binary that can do that keeps every exported
+# method of every type. Without the tag the DRA kubelet plugin is 78 MB instead of 50 and touches
+# about 10 MB more of it (RSS). cmd/tessera-kubelet-plugin's TestDaemonDependencies checks this.
+GOTAGS    ?= grpcnotrace
 
 .PHONY: all build test unit e2e demo demo-down bench bench-raw lint clean image
 
@@ -13,7 +19,7 @@ all: build
 
 build:
 	@mkdir -p $(BIN)
-	$(GO) build -o $(BIN)/ ./cmd/...
+	$(GO) build -tags '$(GOTAGS)' -o $(BIN)/ ./cmd/...
 
 # make test: unit tests, then the end-to-end tests against a real local cluster.
 test: lint unit e2e
@@ -30,7 +36,7 @@ e2e: build
 IMAGE ?= ghcr.io/tessera-gpu/tessera:dev
 image:
 	@mkdir -p $(BIN)/image
-	$(GO) build -trimpath -ldflags="-s -w" -o $(BIN)/image/ ./cmd/...
+	$(GO) build -tags '$(GOTAGS)' -trimpath -ldflags="-s -w" -o $(BIN)/image/ ./cmd/...
 	$(GO) run ./deployments/image/cmd/tessera-image --bin-dir $(BIN)/image --ref $(IMAGE) --out $(BIN)/tessera-image.tar
 
 demo: build
