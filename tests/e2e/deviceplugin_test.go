@@ -55,7 +55,7 @@ func TestDevicePluginServesPods(t *testing.T) {
 		t.Fatal(err)
 	}
 	bin := filepath.Join(dir, "tessera-device-plugin")
-	build := exec.CommandContext(ctx, "go", "build", "-o", bin, "./cmd/tessera-device-plugin")
+	build := exec.CommandContext(ctx, "go", "build", "-tags", harness.BuildTags, "-o", bin, "./cmd/tessera-device-plugin")
 	build.Dir = filepath.Join("..", "..")
 	if out, err := build.CombinedOutput(); err != nil {
 		t.Fatalf("build tessera-device-plugin: %v\n%s", err, out)
@@ -257,7 +257,7 @@ func buildBinariesWith(t *testing.T, ctx context.Context, dir string, flags []st
 	out := map[string]string{}
 	for _, b := range names {
 		out[b] = filepath.Join(dir, b)
-		args := append(append([]string{"build"}, flags...), "-o", out[b], "./cmd/"+b)
+		args := append(append([]string{"build", "-tags", harness.BuildTags}, flags...), "-o", out[b], "./cmd/"+b)
 		build := exec.CommandContext(ctx, "go", args...)
 		build.Dir = filepath.Join("..", "..")
 		if msg, err := build.CombinedOutput(); err != nil {

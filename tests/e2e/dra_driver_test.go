@@ -96,7 +96,7 @@ func startDRADriverWith(t *testing.T, ctx context.Context, c *harness.Cluster, l
 		}
 	}
 	bin := filepath.Join(dir, "tessera-kubelet-plugin")
-	build := exec.CommandContext(ctx, "go", "build", "-o", bin, "./cmd/tessera-kubelet-plugin")
+	build := exec.CommandContext(ctx, "go", "build", "-tags", harness.BuildTags, "-o", bin, "./cmd/tessera-kubelet-plugin")
 	build.Dir = filepath.Join("..", "..")
 	if out, err := build.CombinedOutput(); err != nil {
 		t.Fatalf("build tessera-kubelet-plugin: %v\n%s", err, out)

@@ -43,7 +43,7 @@ func TestWebhookRejectsBadClaimAtAdmission(t *testing.T) {
 	dir := t.TempDir()
 
 	bin := filepath.Join(dir, "tessera-webhook")
-	build := exec.CommandContext(ctx, "go", "build", "-o", bin, "./cmd/tessera-webhook")
+	build := exec.CommandContext(ctx, "go", "build", "-tags", harness.BuildTags, "-o", bin, "./cmd/tessera-webhook")
 	build.Dir = filepath.Join("..", "..")
 	if out, err := build.CombinedOutput(); err != nil {
 		t.Fatalf("build tessera-webhook: %v\n%s", err, out)

@@ -25,3 +25,7 @@ type DRABenchFigures struct {
 	ClaimsPerSecParallel float64     `json:"claimsPerSecParallel"`
 	FirstSliceMs         float64     `json:"firstSliceMs"`
 }
+
+// BuildTags are the build tags the Makefile (GOTAGS) and the Dockerfile build the shipped binaries
+// with; tests and benchmarks that build a daemon use them too, so they measure what ships.
+const BuildTags = "grpcnotrace"

@@ -59,7 +59,7 @@ func measureDRAPlugin() draResult {
 	}
 	defer os.RemoveAll(dir)
 	bin := filepath.Join(dir, "tessera-kubelet-plugin")
-	if out, err := exec.Command("go", "build", "-o", bin, "./cmd/tessera-kubelet-plugin").CombinedOutput(); err != nil {
+	if out, err := exec.Command("go", "build", "-tags", harness.BuildTags, "-o", bin, "./cmd/tessera-kubelet-plugin").CombinedOutput(); err != nil {
 		res.note = fmt.Sprintf("build: %v: %s", err, out)
 		return res
 	}

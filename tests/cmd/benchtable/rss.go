@@ -15,6 +15,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/tessera-gpu/tessera/plugin/kubelettest"
+	"github.com/tessera-gpu/tessera/tests/harness"
 )
 
 // measureDevicePlugin builds tessera-device-plugin, runs it on a simulated dgx-h100 (every GPU whole)
@@ -36,7 +37,7 @@ func measureDevicePlugin() (rssMB, anonMB, fileMB, startMs float64, note string)
 	}
 	defer os.RemoveAll(dir)
 	bin := filepath.Join(dir, "tessera-device-plugin")
-	if out, err := exec.Command("go", "build", "-o", bin, "./cmd/tessera-device-plugin").CombinedOutput(); err != nil {
+	if out, err := exec.Command("go", "build", "-tags", harness.BuildTags, "-o", bin, "./cmd/tessera-device-plugin").CombinedOutput(); err != nil {
 		return rssMB, anonMB, fileMB, startMs, fmt.Sprintf("build: %v: %s", err, out)
 	}
 	if err := dropFromPageCache(bin); err != nil {
