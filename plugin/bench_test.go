@@ -42,7 +42,8 @@ var sizes = []struct {
 }{{8, 1}, {80, 10}, {800, 100}}
 
 // measure runs call b.N times, and the empty call b.N times, and reports percentiles and ratios.
-func measure(b *testing.B, c pluginapi.DevicePluginClient, call func(ctx context.Context) error) {
+// after, if any, runs after each measured call, outside the measurement.
+func measure(b *testing.B, c pluginapi.DevicePluginClient, call func(ctx context.Context) error, after ...func(ctx context.Context) error) {
 	ctx := context.Background()
 	for range 50 { // warm the connection
 		if _, err := c.GetDevicePluginOptions(ctx, &pluginapi.Empty{}); err != nil {
@@ -63,6 +64,11 @@ func measure(b *testing.B, c pluginapi.DevicePluginClient, call func(ctx context
 		}
 		lat = append(lat, time.Since(t1))
 		base = append(base, t1.Sub(t0))
+		for _, f := range after {
+			if err := f(ctx); err != nil {
+				b.Fatal(err)
+			}
+		}
 	}
 	b.StopTimer()
 	p := func(d []time.Duration, q float64) float64 {
@@ -103,11 +109,30 @@ func BenchmarkGetPreferredAllocation(b *testing.B) {
 			}
 			req := &pluginapi.PreferredAllocationRequest{ContainerRequests: []*pluginapi.ContainerPreferredAllocationRequest{{
 				AvailableDeviceIDs: s.IDs(), AllocationSize: size}}}
+			// Diagnostic, not the baseline: a no-op handler (PreStartContainer answers a constant)
+			// receiving the same IDs, decoded by gRPC's protobuf codec, on the same connection: what
+			// carrying the kubelet's request costs before any work of ours.
+			noop := &pluginapi.PreStartContainerRequest{DevicesIds: s.IDs()}
+			var noopLat []time.Duration
 			calls, _ := e.lib.Calls()
+			var extra []func(context.Context) error
+			if sz.devices == 800 {
+				extra = append(extra, func(ctx context.Context) error {
+					t0 := time.Now()
+					_, err := c.PreStartContainer(ctx, noop)
+					noopLat = append(noopLat, time.Since(t0))
+					return err
+				})
+			}
 			measure(b, c, func(ctx context.Context) error {
 				_, err := c.GetPreferredAllocation(ctx, req)
 				return err
-			})
+			}, extra...)
+			if len(noopLat) > 0 {
+				slices.Sort(noopLat)
+				b.ReportMetric(float64(noopLat[len(noopLat)/2].Nanoseconds())/1e3, "noop-ids-p50-µs")
+				b.ReportMetric(float64(noopLat[min(len(noopLat)-1, len(noopLat)*99/100)].Nanoseconds())/1e3, "noop-ids-p99-µs")
+			}
 			// Every NVML call the plugin made while measuring, background work included (an upper
 			// bound on the calls per request).
 			after, _ := e.lib.Calls()

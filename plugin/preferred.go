@@ -71,45 +71,79 @@ func (t *topology) sameNUMA(a, b int) bool {
 // preferred picks size devices from available, including mustInclude. Unknown IDs are skipped; the
 // answer may be shorter than size only when too few known devices are available. It reads only the
 // table (immutable) and builds no map: a request costs one lookup per ID in the table's index and
-// a few slices the size of the table or of its parents.
+// a few slices the size of the table or of its parents. GetPreferredAllocation's requests from
+// the wire skip the strings: decodePreferred resolves their IDs into a selection and calls pick.
 func (t *deviceTable) preferred(available, mustInclude []string, size int) []string {
 	if size <= 0 {
 		return nil
 	}
-	// mark: 1 available, 2 required; indexed by table position, so no per-request map is built.
-	mark := make([]uint8, len(t.devices))
-	must := make([]int, 0, len(mustInclude))
+	s := t.newSelection(len(mustInclude))
 	for _, id := range mustInclude {
-		if i, ok := t.pos[id]; ok && mark[i] == 0 {
-			mark[i] = 2
-			must = append(must, i)
+		if i, ok := t.pos[id]; ok {
+			s.require(i)
 		}
 	}
-	if len(must) >= size {
-		return t.idsAt(must[:size])
-	}
-	if !t.wholeOnly {
+	if len(s.must) < size {
 		for _, id := range available {
-			if i, ok := t.pos[id]; ok && mark[i] == 0 {
-				mark[i] = 1
+			if i, ok := t.pos[id]; ok {
+				s.offer(i)
 			}
 		}
-		return t.idsAt(t.pickByParent(mark, must, size))
 	}
-	nAvail := 0
-	for _, id := range available {
-		if i, ok := t.pos[id]; ok && mark[i] == 0 {
-			mark[i] = 1
-			nAvail++
-		}
+	return t.pick(&s, size)
+}
+
+// selection is one container's request resolved against a table, by table position: mark is 1
+// for an available device, 2 for a required one (no per-request map is built); must lists the
+// required positions in the order the request named them first, nAvail counts the 1s. A device
+// both required and available is required, whichever the request named first.
+type selection struct {
+	mark   []uint8
+	must   []int
+	nAvail int
+}
+
+func (t *deviceTable) newSelection(nMust int) selection {
+	return selection{mark: make([]uint8, len(t.devices)), must: make([]int, 0, nMust)}
+}
+
+func (s *selection) require(i int) {
+	switch s.mark[i] {
+	case 1:
+		s.nAvail--
+	case 2:
+		return
 	}
-	avail := make([]int, 0, nAvail)
-	for i, m := range mark {
+	s.mark[i] = 2
+	s.must = append(s.must, i)
+}
+
+func (s *selection) offer(i int) {
+	if s.mark[i] == 0 {
+		s.mark[i] = 1
+		s.nAvail++
+	}
+}
+
+// pick chooses size devices of a selection: the required ones first, then by topology (whole
+// GPUs) or by the policy (shared and MIG devices).
+func (t *deviceTable) pick(s *selection, size int) []string {
+	if size <= 0 {
+		return nil
+	}
+	if len(s.must) >= size {
+		return t.idsAt(s.must[:size])
+	}
+	if !t.wholeOnly {
+		return t.idsAt(t.pickByParent(s.mark, s.must, size))
+	}
+	avail := make([]int, 0, s.nAvail)
+	for i, m := range s.mark {
 		if m == 1 {
 			avail = append(avail, i)
 		}
 	}
-	return idsOf(t.pickConnected(t.devicesAt(must), t.devicesAt(avail), size))
+	return idsOf(t.pickConnected(t.devicesAt(s.must), t.devicesAt(avail), size))
 }
 
 func (t *deviceTable) idsAt(pos []int) []string {

@@ -8,6 +8,10 @@ import (
 	"testing"
 	"time"
 
+	"google.golang.org/protobuf/encoding/protowire"
+	"google.golang.org/protobuf/proto"
+	pluginapi "k8s.io/kubelet/pkg/apis/deviceplugin/v1beta1"
+
 	"github.com/tessera-gpu/tessera/partitioning/nvmlib"
 	"github.com/tessera-gpu/tessera/plugin"
 )
@@ -160,5 +164,39 @@ func TestPreferredMIGPacked(t *testing.T) {
 		if !slices.ContainsFunc(devs1, func(d nvmlib.MigDevice) bool { return d.UUID == id }) {
 			t.Errorf("packed MIG: %s is not on GPU 1 (%v)", id, got)
 		}
+	}
+}
+
+// Over the socket, a request the plugin's own decoder declines (an unknown field, as a newer
+// kubelet might send) is answered as the protobuf codec would decode it.
+func TestPreferredUnknownFieldOverSocket(t *testing.T) {
+	e := newEnv(t, "dgx-h100")
+	e.start("version: v1\nsharing:\n  timeSlicing:\n    resources:\n    - name: nvidia.com/gpu\n      replicas: 4\n")
+	s := e.waitCount("nvidia.com/gpu", 32)
+	c, err := e.kubelet.Client("nvidia.com/gpu")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := ctxT(t, 10*time.Second)
+	plain := func() *pluginapi.PreferredAllocationRequest {
+		return &pluginapi.PreferredAllocationRequest{ContainerRequests: []*pluginapi.ContainerPreferredAllocationRequest{
+			{AvailableDeviceIDs: s.IDs()[3:], MustIncludeDeviceIDs: s.IDs()[5:6], AllocationSize: 3}, {AvailableDeviceIDs: s.IDs(), AllocationSize: 2}}}
+	}
+	want, err := c.GetPreferredAllocation(ctx, plain())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(want.ContainerResponses) != 2 || len(want.ContainerResponses[0].DeviceIDs) != 3 || want.ContainerResponses[0].DeviceIDs[0] != s.IDs()[5] {
+		t.Fatalf("answer %v: want 3 devices starting with the required %s, then 2", want, s.IDs()[5])
+	}
+	req := plain()
+	cr := req.ContainerRequests[0].ProtoReflect()
+	cr.SetUnknown(protowire.AppendVarint(protowire.AppendTag(nil, 42, protowire.VarintType), 7))
+	got, err := c.GetPreferredAllocation(ctx, req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !proto.Equal(got, want) {
+		t.Errorf("with an unknown field: %v, want %v", got, want)
 	}
 }

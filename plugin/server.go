@@ -91,8 +91,13 @@ func (r *resourceServer) serve() error {
 		return fmt.Errorf("listening on %s: %w", r.socket, err)
 	}
 	id, _ := statID(r.socket)
-	srv := grpc.NewServer()
-	pluginapi.RegisterDevicePluginServer(srv, r)
+	codec, err := newServerCodec()
+	if err != nil {
+		lis.Close()
+		return fmt.Errorf("serving %s: %w", r.socket, err)
+	}
+	srv := grpc.NewServer(grpc.ForceServerCodecV2(codec))
+	srv.RegisterService(r.devicePluginService(), r)
 	go func() {
 		if err := srv.Serve(lis); err != nil {
 			klog.ErrorS(err, "Device plugin server stopped", "resource", r.name)

@@ -8,6 +8,7 @@ import (
 	"path"
 	"slices"
 	"strings"
+	"unicode/utf8"
 
 	pluginapi "k8s.io/kubelet/pkg/apis/deviceplugin/v1beta1"
 	cdiapi "tags.cncf.io/container-device-interface/pkg/cdi"
@@ -65,17 +66,21 @@ type deviceTable struct {
 	// a parent's free devices without building per-request lists.
 	members [][]int
 	topo    *topology
+	// utf8IDs: every device ID is valid UTF-8, so an ID of a request found in pos is too.
+	utf8IDs bool
 }
 
 func newDeviceTable(resource string, devs []*Device, extras map[*Device]*deviceExtras, resp response, replicaPolicy, migPolicy Policy, topo *topology) *deviceTable {
 	sortDevices(devs)
 	t := &deviceTable{resource: resource, devices: devs, byID: make(map[string]*Device, len(devs)), extras: extras,
-		resp: resp, wholeOnly: true, pos: make(map[string]int, len(devs)), parent: make([]int, len(devs)), topo: topo, policy: replicaPolicy}
+		resp: resp, wholeOnly: true, pos: make(map[string]int, len(devs)), parent: make([]int, len(devs)), topo: topo, policy: replicaPolicy,
+		utf8IDs: true}
 	anyShared := false
 	parents := map[string]int{}
 	for i, d := range devs {
 		t.byID[d.ID] = d
 		t.pos[d.ID] = i
+		t.utf8IDs = t.utf8IDs && utf8.ValidString(d.ID)
 		if d.Shared() || d.MIG != nil {
 			t.wholeOnly = false
 		}
