@@ -6,6 +6,11 @@ import (
 	"context"
 	"flag"
 	"fmt"
+	"io"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -15,6 +20,7 @@ import (
 	resourcev1 "k8s.io/api/resource/v1"
 	"k8s.io/apimachinery/pkg/api/resource"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/client-go/rest"
 	"k8s.io/utils/ptr"
 
 	"github.com/tessera-gpu/tessera/api"
@@ -27,7 +33,14 @@ import (
 	"github.com/tessera-gpu/tessera/tests/harness"
 )
 
-var podsPerNode = flag.Int("dra-pods-per-node", 4, "pods per simulated node in BenchmarkScheduleDRA")
+var (
+	podsPerNode = flag.Int("dra-pods-per-node", 4, "pods per simulated node in BenchmarkScheduleDRA")
+	// Where the scheduler's time goes: with -dra-profile-dir, every model's run also writes
+	// kube-scheduler's and kube-controller-manager's CPU profiles (the first -dra-profile-seconds of
+	// the run) and both components' /metrics before and after the run into that directory.
+	profileDir     = flag.String("dra-profile-dir", "", "BenchmarkScheduleDRA: write component CPU profiles and metrics per model here")
+	profileSeconds = flag.Int("dra-profile-seconds", 10, "BenchmarkScheduleDRA: length of each CPU profile")
+)
 
 // slice models: how every simulated dgx-h100 node's GPUs are published, and what one pod asks.
 var draModels = []struct {
@@ -85,10 +98,15 @@ func BenchmarkScheduleDRA(b *testing.B) {
 				}
 			}
 		}
+		stopProfiles := profileComponents(b, ctx, c, model)
+		cpu0 := sampleCPU(c)
 		res, err := schedulePods(ctx, c, ns, pods, mk)
+		cpu := sampleCPU(c).since(cpu0)
+		stopProfiles()
 		if err != nil {
 			b.Fatalf("%s: %v", model, err)
 		}
+		b.Logf("%s: CPU per pod: %s", model, cpu.perPod(pods))
 		zero := int64(0)
 		_ = c.Client().CoreV1().Pods(ns).DeleteCollection(context.Background(), metav1.DeleteOptions{GracePeriodSeconds: &zero}, metav1.ListOptions{})
 		_ = c.DeleteNamespace(context.Background(), ns)
@@ -197,4 +215,133 @@ func publishModel(b *testing.B, ctx context.Context, c *harness.Cluster, spec st
 
 func deleteSlices(ctx context.Context, c *harness.Cluster) {
 	_ = c.Client().ResourceV1().ResourceSlices().DeleteCollection(ctx, metav1.DeleteOptions{}, metav1.ListOptions{FieldSelector: "spec.driver=" + dra.DriverName})
+}
+
+// profileComponents starts kube-scheduler's and kube-controller-manager's CPU profiles and saves
+// their /metrics when -dra-profile-dir is set; the returned func, called when the run ends, saves
+// the metrics again and waits for the profiles.
+func profileComponents(b *testing.B, ctx context.Context, c *harness.Cluster, model string) func() {
+	b.Helper()
+	if *profileDir == "" {
+		return func() {}
+	}
+	if err := os.MkdirAll(*profileDir, 0o755); err != nil {
+		b.Fatal(err)
+	}
+	get := func(port int, path, file string) {
+		cfg := c.RESTConfig()
+		cfg.Host = fmt.Sprintf("https://127.0.0.1:%d", port)
+		cfg.TLSClientConfig = rest.TLSClientConfig{Insecure: true} // self-signed serving certs on loopback
+		hc, err := rest.HTTPClientFor(cfg)
+		if err != nil {
+			b.Logf("profile %s: %v", file, err)
+			return
+		}
+		req, _ := http.NewRequestWithContext(ctx, http.MethodGet, cfg.Host+path, nil)
+		resp, err := hc.Do(req)
+		if err != nil {
+			b.Logf("profile %s: %v", file, err)
+			return
+		}
+		defer resp.Body.Close()
+		f, err := os.Create(filepath.Join(*profileDir, file))
+		if err != nil {
+			b.Logf("profile %s: %v", file, err)
+			return
+		}
+		defer f.Close()
+		_, _ = io.Copy(f, resp.Body)
+	}
+	comps := []struct {
+		name string
+		port int
+	}{{"scheduler", c.Ports.Scheduler}, {"kcm", c.Ports.ControllerManager}}
+	for _, k := range comps {
+		get(k.port, "/metrics", fmt.Sprintf("%s-%s-metrics-before.txt", model, k.name))
+	}
+	var wg sync.WaitGroup
+	for _, k := range comps {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			get(k.port, fmt.Sprintf("/debug/pprof/profile?seconds=%d", *profileSeconds), fmt.Sprintf("%s-%s.pprof", model, k.name))
+		}()
+	}
+	return func() {
+		for _, k := range comps {
+			get(k.port, "/metrics", fmt.Sprintf("%s-%s-metrics-after.txt", model, k.name))
+		}
+		wg.Wait()
+	}
+}
+
+// cpuSample is the CPU time (seconds) each control-plane process and the whole machine had used,
+// and when: what one model's run costs per pod, and whether other work shared the machine.
+type cpuSample struct {
+	at      time.Time
+	wall    time.Duration // in a difference: the time between the samples
+	procs   map[string]float64
+	machine float64
+}
+
+var cpuComponents = []string{harness.APIServer, harness.Etcd, harness.Scheduler, harness.ControllerManager}
+
+func sampleCPU(c *harness.Cluster) cpuSample {
+	s := cpuSample{at: time.Now(), procs: map[string]float64{}}
+	const hz = 100 // USER_HZ
+	for _, name := range cpuComponents {
+		data, err := os.ReadFile(filepath.Join(c.StateDir, "pids", name+".pid"))
+		if err != nil {
+			continue
+		}
+		f := strings.Fields(string(data))
+		if len(f) == 0 {
+			continue
+		}
+		stat, err := os.ReadFile("/proc/" + f[0] + "/stat")
+		if err != nil {
+			continue
+		}
+		// Fields after the command (which may hold spaces): state is the first, utime the 12th.
+		rest := strings.Fields(string(stat[strings.LastIndexByte(string(stat), ')')+1:]))
+		if len(rest) < 13 {
+			continue
+		}
+		u, _ := strconv.ParseFloat(rest[11], 64)
+		k, _ := strconv.ParseFloat(rest[12], 64)
+		s.procs[name] = (u + k) / hz
+	}
+	if data, err := os.ReadFile("/proc/stat"); err == nil {
+		line, _, _ := strings.Cut(string(data), "\n")
+		f := strings.Fields(line)
+		for i, v := range f[1:] {
+			n, _ := strconv.ParseFloat(v, 64)
+			if i < 8 && i != 3 && i != 4 { // all but idle and iowait (guest time is in user already)
+				s.machine += n / hz
+			}
+		}
+	}
+	return s
+}
+
+func (s cpuSample) since(t cpuSample) cpuSample {
+	d := cpuSample{wall: s.at.Sub(t.at), procs: map[string]float64{}, machine: s.machine - t.machine}
+	for k, v := range s.procs {
+		d.procs[k] = v - t.procs[k]
+	}
+	return d
+}
+
+// perPod formats a difference of samples: each component's CPU milliseconds per pod, their sum, and
+// the machine's busy cores over the run against the cluster's (the rest is other work).
+func (s cpuSample) perPod(pods int) string {
+	var b strings.Builder
+	sum := 0.0
+	for _, name := range cpuComponents {
+		fmt.Fprintf(&b, "%s %.1f ms, ", name, 1000*s.procs[name]/float64(pods))
+		sum += s.procs[name]
+	}
+	secs := s.wall.Seconds()
+	fmt.Fprintf(&b, "control plane %.1f ms; machine busy %.2f cores, control plane %.2f cores", 1000*sum/float64(pods), s.machine/secs, sum/secs)
+	return b.String()
 }
