@@ -103,7 +103,7 @@ func WithMPS(m *mps.Manager) Option { return func(d *Driver) error { d.mps = m; 
 func WithVersion(v string) Option { return func(d *Driver) error { d.version = v; return nil } }
 
 // WithStartup records Start's phases (the first publish, the kubelet plugin's sockets and
-// registration) in the daemon's start-up record.
+// registration, the helper's ResourceSlice controller taking over) in the daemon's start-up record.
 func WithStartup(p *startup.Phases) Option {
 	return func(d *Driver) error { d.startup = p; return nil }
 }
@@ -736,11 +736,14 @@ func (d *Driver) Start(ctx context.Context, opts ...kubeletplugin.Option) error 
 		return fmt.Errorf("dra: starting the kubelet plugin: %w", err)
 	}
 	d.helper = h
+	d.startup.Mark("kubelet-plugin")
 	d.Run(ctx)
+	// The helper's ResourceSlice controller takes over the slices; it waits for its informer in
+	// one-second steps before it returns.
 	if err := d.SetPublisher(ctx, h); err != nil {
 		return err
 	}
-	d.startup.Mark("kubelet-plugin")
+	d.startup.Mark("slice-controller")
 	return nil
 }
 

@@ -257,8 +257,8 @@ func TestDroppedFieldsTurnModesOff(t *testing.T) {
 	for _, ph := range phases.List() {
 		marked = append(marked, ph.Name)
 	}
-	if fmt.Sprint(marked) != "[first-publish kubelet-plugin]" {
-		t.Errorf("Start marked %v, want [first-publish kubelet-plugin]", marked)
+	if fmt.Sprint(marked) != "[first-publish kubelet-plugin slice-controller]" {
+		t.Errorf("Start marked %v, want [first-publish kubelet-plugin slice-controller]", marked)
 	}
 	poll(t, "time-sliced mode and taints turned off", func() (bool, error) {
 		f := d.Features()

@@ -6,6 +6,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"maps"
 	"os"
 	"path/filepath"
 	"slices"
@@ -184,7 +185,13 @@ func TestDRADriverBenchmark(t *testing.T) {
 	getSerial, _ := run(1, 5, get)
 	serial, serialWall := run(1, 5, prepare, unprepare)
 	getPar, getParWall := run(8, 5, get)
+	procs := []string{"tessera-kubelet-plugin", harness.APIServer, harness.Etcd, "e2e.test (client)", harness.Kubelet, harness.Containerd,
+		harness.Scheduler, harness.ControllerManager}
+	pids := map[string]int{"tessera-kubelet-plugin": d.hp.PID, "e2e.test (client)": os.Getpid()}
+	maps.Copy(pids, controlPlanePIDs(c))
+	cpu0 := sampleProcs(procs, pids)
 	par, parWall := run(8, 5, prepare, unprepare)
+	cpu := sampleProcs(procs, pids).since(cpu0)
 	if t.Failed() {
 		t.FailNow()
 	}
@@ -203,6 +210,12 @@ func TestDRADriverBenchmark(t *testing.T) {
 	fmt.Fprintf(&b, "claims/s (prepare+unprepare), serial:    %.0f (%d claims)\n", float64(n)/serialWall.Seconds(), n)
 	fmt.Fprintf(&b, "claims/s (prepare+unprepare), 8 callers: %.0f (%d claims)\n", float64(len(par[0]))/parWall.Seconds(), len(par[0]))
 	fmt.Fprintf(&b, "start to first slice (3 cold starts):    median %s, max %s\n", ms(firsts.pct(.5)), ms(firsts.pct(1)))
+	fmt.Fprintf(&b, "CPU per claim, 8 callers: %s\n", cpu.perPod(len(par[0])))
+	for _, line := range strings.Split(d.hp.Logs(), "\n") {
+		if strings.Contains(line, `"Started"`) { // each start's phases (telemetry/startup)
+			fmt.Fprintf(&b, "start-up phases: %s\n", line[strings.Index(line, `"Started"`):])
+		}
+	}
 	t.Logf("DRA driver on the real API server (simulated dgx-h100, 56 MIG devices):\n%s", b.String())
 	if dir := os.Getenv("TESSERA_BENCH_OUT"); dir != "" {
 		pc := func(l latencies) harness.Percentiles {

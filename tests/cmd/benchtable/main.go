@@ -180,7 +180,8 @@ Notes:
   manager handshake), checkpoints (` + "`dra.New`" + `: restoring prepared claims), inventory (read the
   GPUs, build the devices), first-publish (the slices created directly, before the helper's
   ResourceSlice controller, which waits for its informer in one-second steps — the sync floor of
-  the target — has synced), then kubelet-plugin (the helper's sockets and registration) and metrics.
+  the target — has synced), then kubelet-plugin (the helper's sockets and registration), slice-controller (the helper's
+  controller taking the slices over: its one-second informer wait) and metrics.
 - MIG start-up reconcile: ` + "`dra.New`" + ` (then Stop) over the state of 56 prepared claims, one per MIG device of a
   simulated dgx-h100 cut all-1g (mig-static), checkpoints and CDI specs in place; the baseline reads
   the 56 checkpoint files. Medians.
