@@ -224,7 +224,11 @@ func TestDRADriverBenchmark(t *testing.T) {
 		fig := harness.DRABenchFigures{Callers: 8, GetSerial: pc(getSerial[0]), GetParallel: pc(getPar[0]),
 			PrepareSerial: pc(serial[0]), UnprepareSerial: pc(serial[1]), PrepareParallel: pc(par[0]), UnprepareParallel: pc(par[1]),
 			ClaimsPerSecSerial: float64(n) / serialWall.Seconds(), ClaimsPerSecParallel: float64(len(par[0])) / parWall.Seconds(),
-			FirstSliceMs: float64(firsts.pct(.5).Microseconds()) / 1e3}
+			FirstSliceMs: float64(firsts.pct(.5).Microseconds()) / 1e3, CPUOrder: cpu.order, CPUPerClaim: map[string]float64{},
+			BusyCores: cpu.machine / cpu.wall.Seconds()}
+		for name, secs := range cpu.procs {
+			fig.CPUPerClaim[name] = 1000 * secs / float64(len(par[0]))
+		}
 		data, err := json.Marshal(fig)
 		if err != nil {
 			t.Fatal(err)

@@ -24,6 +24,11 @@ type DRABenchFigures struct {
 	ClaimsPerSecSerial   float64     `json:"claimsPerSecSerial"`
 	ClaimsPerSecParallel float64     `json:"claimsPerSecParallel"`
 	FirstSliceMs         float64     `json:"firstSliceMs"`
+	// CPUPerClaim is each process's CPU milliseconds per claim in the parallel phase, in the order
+	// of CPUOrder; BusyCores is how many of the machine's cores were busy then.
+	CPUPerClaim map[string]float64 `json:"cpuPerClaimMs"`
+	CPUOrder    []string           `json:"cpuOrder"`
+	BusyCores   float64            `json:"busyCores"`
 }
 
 // BuildTags are the build tags the Makefile (GOTAGS) and the Dockerfile build the shipped binaries

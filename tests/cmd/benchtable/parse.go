@@ -273,6 +273,16 @@ func BuildRows(r Results, ex Extra, rec Recorded) []Row {
 		add(Row{dr, "claims/s (Prepare + Unprepare), serial, " + where, NoTarget, num(f.ClaimsPerSecSerial), "—", "—", NoTarget})
 		add(Row{dr, fmt.Sprintf("claims/s (Prepare + Unprepare), %d parallel callers, %s", f.Callers, where), "≥ 500 claims/s",
 			num(f.ClaimsPerSecParallel), "—", "—", verdict(f.ClaimsPerSecParallel >= 500)})
+		if len(f.CPUOrder) > 0 {
+			var parts []string
+			sum := 0.0
+			for _, name := range f.CPUOrder {
+				parts = append(parts, name+" "+num(f.CPUPerClaim[name]))
+				sum += f.CPUPerClaim[name]
+			}
+			add(Row{dr, fmt.Sprintf("where a claim's CPU goes, %d parallel callers (ms of CPU per claim; the machine's busy cores)", f.Callers), NoTarget,
+				strings.Join(parts, " · ") + "; together " + num(sum) + " ms, " + num(f.BusyCores) + " cores busy", "—", "—", NoTarget})
+		}
 		add(Row{dr, "start to first ResourceSlice, warm restart (median of 3, local cluster)", firstSliceTarget,
 			num(f.FirstSliceMs) + " ms", "helper's sync floor " + num(helperSyncFloorMs) + " ms", x(f.FirstSliceMs / helperSyncFloorMs),
 			verdict(f.FirstSliceMs <= helperSyncFloorMs+100)})

@@ -160,13 +160,17 @@ func TestRowsAndVerdicts(t *testing.T) {
 	// The DRA driver's figures on the real API server, run by this command.
 	live := &harness.DRABenchFigures{Callers: 8, GetSerial: harness.Percentiles{P50ms: 1, P99ms: 2}, GetParallel: harness.Percentiles{P50ms: 3, P99ms: 8},
 		PrepareSerial: harness.Percentiles{P50ms: 3, P99ms: 6}, PrepareParallel: harness.Percentiles{P50ms: 20, P99ms: 90},
-		ClaimsPerSecSerial: 200, ClaimsPerSecParallel: 520, FirstSliceMs: 45}
+		ClaimsPerSecSerial: 200, ClaimsPerSecParallel: 520, FirstSliceMs: 45,
+		CPUOrder: []string{"plugin", "containerd"}, CPUPerClaim: map[string]float64{"plugin": 2, "containerd": 1.5}, BusyCores: 1.9}
 	rows = rowsOf(t, sample, Extra{RSSMB: math.NaN(), StartMs: math.NaN(), DRACluster: live})
 	if r := find(t, rows, "GET + Prepare p50 / p99 (Unprepare p50 / p99), 8 parallel callers, kubelet-like"); r.Verdict != Miss || r.Ratio != "p99 11.2×" {
 		t.Errorf("Prepare p99 at 11.25× the GET: %+v", r)
 	}
 	if r := find(t, rows, "claims/s (Prepare + Unprepare), 8 parallel callers, kubelet-like"); r.Verdict != Pass || r.Measured != "520" {
 		t.Errorf("520 claims/s: %+v", r)
+	}
+	if r := find(t, rows, "where a claim's CPU goes"); r.Measured != "plugin 2 · containerd 1.5; together 3.5 ms, 1.9 cores busy" {
+		t.Errorf("CPU row: %q", r.Measured)
 	}
 	if r := find(t, rows, "start to first ResourceSlice, warm restart"); r.Verdict != Pass || strings.Contains(r.Figure, "recorded") {
 		t.Errorf("first slice row: %+v", r)
