@@ -125,6 +125,7 @@ func WithHealthResend(iv time.Duration) Option {
 
 // Driver is the DRA kubelet plugin. It implements kubeletplugin.DRAPlugin.
 type Driver struct {
+	static       staticSpec
 	lib          nvmlib.Interface
 	reader       *inventory.Inventory
 	node         string
@@ -357,6 +358,10 @@ func (d *Driver) reconcile(ctx context.Context) error {
 			keep = append(keep, string(c.Claim.UID))
 		}
 	}
+	// The static spec for the prepared claims' devices (the node's own join when it is read).
+	if err := d.syncStaticSpec(); err != nil {
+		return err
+	}
 	removed, err := d.cdi.CleanupStale(cdi.Stale{Claims: true, KeepClaims: keep})
 	for _, r := range removed {
 		logger.Info("Removed a CDI spec no prepared claim owns", "path", r)
@@ -430,9 +435,11 @@ func (d *Driver) othersOnGPU(uid types.UID, gpuUUID string) bool {
 	return false
 }
 
-// ensureSpec writes a prepared claim's CDI spec again if it is missing.
+// ensureSpec writes a prepared claim's CDI spec again if it is missing (for the devices not answered
+// from the static spec; see ensureStaticSpec for those).
 func (d *Driver) ensureSpec(c *Checkpoint) error {
-	if len(c.Devices) == 0 {
+	c, ok := d.claimSpecDevices(c)
+	if !ok {
 		return nil
 	}
 	if _, err := os.Stat(filepath.Join(d.cdi.SpecDir(), d.cdi.ClaimSpecName(string(c.Claim.UID)))); err == nil {
@@ -523,6 +530,10 @@ func (d *Driver) rebuild(ctx context.Context) error {
 	// new holds publishes without the devices they cover.
 	inv = inv.withhold(d.gateHolds())
 	d.inv.Store(inv)
+	if err := d.syncStaticSpec(); err != nil {
+		// Prepare then writes claim specs for the devices the static spec lacks.
+		klog.FromContext(ctx).Error(err, "Writing the CDI static spec")
+	}
 	d.reportSkipped(inv)
 	d.reportHidden(inv)
 	d.reportWithheld(ctx, inv)

@@ -18,6 +18,7 @@ import (
 	"k8s.io/client-go/kubernetes/fake"
 	"k8s.io/dynamic-resource-allocation/kubeletplugin"
 	"k8s.io/dynamic-resource-allocation/resourceslice"
+	cdiapi "tags.cncf.io/container-device-interface/pkg/cdi"
 
 	"github.com/tessera-gpu/tessera/api"
 	"github.com/tessera-gpu/tessera/cdi"
@@ -203,9 +204,33 @@ func (e *env) specPath(uid types.UID) string {
 	return filepath.Join(e.gen.SpecDir(), e.gen.ClaimSpecName(string(uid)))
 }
 
+// hasSpec reports whether the claim has a transient claim spec (whole GPUs and existing MIG devices
+// are answered from the static spec and have none).
 func (e *env) hasSpec(uid types.UID) bool {
 	_, err := os.Stat(e.specPath(uid))
 	return err == nil
+}
+
+func (e *env) staticSpecPath() string { return filepath.Join(e.gen.SpecDir(), e.gen.StaticSpecName()) }
+
+// resolves reports whether every CDI device the claim's checkpoint answered with resolves as a
+// container runtime resolves it (a CDI cache over the spec directory), whichever spec holds it.
+func (e *env) resolves(uid types.UID) bool {
+	e.t.Helper()
+	cp, err := e.checkpoint(uid)
+	if err != nil || len(cp.Devices) == 0 {
+		return false
+	}
+	cache, err := cdiapi.NewCache(cdiapi.WithSpecDirs(e.gen.SpecDir()), cdiapi.WithAutoRefresh(false))
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	for _, pd := range cp.Devices {
+		if cache.GetDevice(pd.CDIDeviceID) == nil {
+			return false
+		}
+	}
+	return true
 }
 
 func (e *env) checkpoint(uid types.UID) (*Checkpoint, error) {

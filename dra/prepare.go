@@ -117,6 +117,11 @@ func (d *Driver) prepare(ctx context.Context, claim *resourceapi.ResourceClaim, 
 		if err := d.ensureSpec(prev); err != nil {
 			return nil, err
 		}
+		if slices.ContainsFunc(prev.Devices, d.usesStatic) {
+			if err := d.ensureStaticSpec(); err != nil {
+				return nil, err
+			}
+		}
 		return resultOf(prev), nil
 	}
 
@@ -294,13 +299,21 @@ func (d *Driver) prepare(ctx context.Context, claim *resourceapi.ResourceClaim, 
 	}
 	sw.lap("mps")
 	if len(c.Devices) > 0 {
-		devs, at := specDevices(&done)
-		names, err := d.cdi.WriteClaimSpec(string(ref.UID), devs)
-		if err != nil {
-			return fail(err)
-		}
-		for i := range done.Devices {
-			done.Devices[i].CDIDeviceID = names[at[i]]
+		// Whole GPUs and existing MIG devices are answered from the static spec; the rest get the
+		// claim's transient spec.
+		if rest := d.splitStatic(&done); len(rest) > 0 {
+			sub := Checkpoint{Devices: make([]PreparedDevice, len(rest))}
+			for k, i := range rest {
+				sub.Devices[k] = done.Devices[i]
+			}
+			devs, at := specDevices(&sub)
+			names, err := d.cdi.WriteClaimSpec(string(ref.UID), devs)
+			if err != nil {
+				return fail(err)
+			}
+			for k, i := range rest {
+				done.Devices[i].CDIDeviceID = names[at[k]]
+			}
 		}
 	}
 	sw.lap("cdi")

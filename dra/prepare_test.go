@@ -50,12 +50,13 @@ func TestPrepareUnprepare(t *testing.T) {
 	}
 	for i, want := range []string{"gpu-0", c.Status.Allocation.Devices.Results[1].Device} {
 		d := devs[i]
-		if d.PoolName != testNode || d.DeviceName != want || len(d.CDIDeviceIDs) != 1 || !strings.HasPrefix(d.CDIDeviceIDs[0], "tessera.dev/gpu="+string(c.UID)+"_") {
+		// A whole GPU and an existing MIG device: answered from the static spec, no claim spec.
+		if d.PoolName != testNode || d.DeviceName != want || len(d.CDIDeviceIDs) != 1 || !strings.HasPrefix(d.CDIDeviceIDs[0], "tessera.dev/gpu=dra-") {
 			t.Errorf("device %d: %+v", i, d)
 		}
 	}
-	if !e.hasSpec(c.UID) {
-		t.Fatal("no CDI spec after Prepare")
+	if e.hasSpec(c.UID) {
+		t.Error("a claim of a whole GPU and an existing MIG device got a transient spec")
 	}
 	// The spec resolves as the runtime resolves it, and the GPU's node is in it.
 	cache, err := cdi.NewCache(cdi.WithSpecDirs(e.gen.SpecDir()), cdi.WithAutoRefresh(false))
@@ -232,8 +233,8 @@ func TestUnprepareWithoutClaimAfterRestart(t *testing.T) {
 		t.Fatal(err)
 	}
 	e.start(WithVersion("0.2.0")) // the next release
-	if !e.hasSpec(c.UID) {
-		t.Fatal("a prepared claim lost its spec over a restart")
+	if !e.resolves(c.UID) {
+		t.Fatal("a prepared claim's CDI device does not resolve after a restart")
 	}
 	// gpu-1 is still in use for the new instance.
 	other := e.claim("other", []alloc{{"gpu", "gpu-1", false}})
@@ -311,8 +312,8 @@ func TestCrashBetweenPhases(t *testing.T) {
 			if err != nil || cp.Phase != PhaseStarted {
 				t.Fatalf("after the crash: checkpoint %+v %v", cp, err)
 			}
-			if point == "beforeCompleted" && !e.hasSpec(c.UID) {
-				t.Fatal("the crash came after the spec was written, but there is none")
+			if e.hasSpec(c.UID) {
+				t.Fatal("a whole GPU got a claim spec (it is answered from the static spec)")
 			}
 			e.start()
 			if _, err := e.checkpoint(c.UID); !errors.Is(err, ErrNoCheckpoint) {
@@ -333,9 +334,9 @@ func TestCrashBetweenPhases(t *testing.T) {
 }
 
 // A claim whose Prepare changes nothing on the node (a whole GPU, no interval) writes no
-// PrepareStarted checkpoint: a crash after its spec is written leaves only the spec, which the next
-// start removes, and the retry prepares the claim cleanly.
-func TestCrashWithoutNodeChangesLeavesOnlyTheSpec(t *testing.T) {
+// PrepareStarted checkpoint and, answered from the static spec, no claim spec: a crash before
+// PrepareCompleted leaves nothing behind, and the retry prepares the claim cleanly.
+func TestCrashWithoutNodeChangesLeavesNothing(t *testing.T) {
 	e := mixedEnv(t)
 	crash := errors.New("simulated crash")
 	var atStarted error
@@ -351,16 +352,13 @@ func TestCrashWithoutNodeChangesLeavesOnlyTheSpec(t *testing.T) {
 	if !errors.Is(atStarted, ErrNoCheckpoint) {
 		t.Errorf("a whole-GPU claim wrote a PrepareStarted checkpoint: %v", atStarted)
 	}
-	if !e.hasSpec(c.UID) {
-		t.Fatal("the crash came after the spec was written, but there is none")
+	if _, err := e.checkpoint(c.UID); !errors.Is(err, ErrNoCheckpoint) || e.hasSpec(c.UID) {
+		t.Fatalf("after the crash: checkpoint %v, claim spec %v", err, e.hasSpec(c.UID))
 	}
 	e.d.hooks.afterStarted, e.d.hooks.beforeCompleted = nil, nil
 	e.start()
-	if e.hasSpec(c.UID) {
-		t.Error("the spec of a prepare that never completed was not removed at start")
-	}
 	e.mustPrepare(c)
-	if cp, err := e.checkpoint(c.UID); err != nil || cp.Phase != PhaseCompleted || !e.hasSpec(c.UID) {
+	if cp, err := e.checkpoint(c.UID); err != nil || cp.Phase != PhaseCompleted || !e.resolves(c.UID) {
 		t.Errorf("retry: %+v %v", cp, err)
 	}
 }
@@ -375,17 +373,17 @@ func TestRebootAndMissingSpec(t *testing.T) {
 	e.mustPrepare(mig)
 
 	// Same boot, spec deleted behind our back: written again at start (NVIDIA's #1380-like loss).
-	if err := os.Remove(e.specPath(whole.UID)); err != nil {
+	if err := os.Remove(e.staticSpecPath()); err != nil {
 		t.Fatal(err)
 	}
 	e.start()
-	if !e.hasSpec(whole.UID) || !e.hasSpec(mig.UID) {
-		t.Fatal("specs of prepared claims missing after a restart")
+	if !e.resolves(whole.UID) || !e.resolves(mig.UID) {
+		t.Fatal("devices of prepared claims do not resolve after a restart")
 	}
 	// Also on the Prepare path (the kubelet prepares again after its own restart).
-	_ = os.Remove(e.specPath(whole.UID))
+	_ = os.Remove(e.staticSpecPath())
 	e.mustPrepare(whole)
-	if !e.hasSpec(whole.UID) {
+	if !e.resolves(whole.UID) {
 		t.Fatal("Prepare of a prepared claim did not restore its spec")
 	}
 
@@ -484,9 +482,9 @@ func TestHundredParallelPrepares(t *testing.T) {
 	}
 	wg.Wait()
 	left, _ := os.ReadDir(filepath.Join(e.stateDir, "checkpoints"))
-	specs, _ := os.ReadDir(e.gen.SpecDir())
+	specs, _ := filepath.Glob(filepath.Join(e.gen.SpecDir(), e.gen.ClaimSpecName("*")))
 	if len(left) != 0 || len(specs) != 0 {
-		t.Errorf("%d checkpoints and %d specs left", len(left), len(specs))
+		t.Errorf("%d checkpoints and %d claim specs left", len(left), len(specs))
 	}
 }
 

@@ -214,6 +214,31 @@ func (d *draDriver) claimSpecs(t *testing.T) []string {
 	return out
 }
 
+// staticSpecDevices lists the device names of the driver's static spec (none: no spec).
+func (d *draDriver) staticSpecDevices(t *testing.T) []string {
+	t.Helper()
+	data, err := os.ReadFile(filepath.Join(d.cdiDir, "tessera.dev-gpu-dra.json"))
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	var spec struct {
+		Devices []struct {
+			Name string `json:"name"`
+		} `json:"devices"`
+	}
+	if err := json.Unmarshal(data, &spec); err != nil {
+		t.Fatal(err)
+	}
+	var out []string
+	for _, dev := range spec.Devices {
+		out = append(out, dev.Name)
+	}
+	return out
+}
+
 func (d *draDriver) checkpoints(t *testing.T) []string {
 	t.Helper()
 	ents, err := os.ReadDir(filepath.Join(d.stateDir, "checkpoints"))
@@ -409,9 +434,14 @@ func TestDRADriverOnRealKubelet(t *testing.T) {
 		if _, err := c.WaitForPodPhase(ctx, ns, pod.Name, corev1.PodRunning); err != nil {
 			t.Fatalf("%v\n%s", err, c.DescribePod(ctx, ns, pod.Name))
 		}
+		// A whole GPU is answered from the driver's static spec: no transient spec for the claim.
 		claim := podClaim(t, ctx, c, ns, pod.Name)
-		if specs := d.claimSpecs(t); len(specs) != 1 || !strings.Contains(specs[0], string(claim.UID)) {
-			t.Fatalf("claim specs %v, want the one of %s", specs, claim.UID)
+		if specs := d.claimSpecs(t); len(specs) != 0 {
+			t.Fatalf("claim specs %v for the whole GPU of %s, want none", specs, claim.UID)
+		}
+		static := d.staticSpecDevices(t)
+		if len(static) == 0 {
+			t.Fatal("no static spec")
 		}
 		serving, unprepared := strings.Count(d.hp.Logs(), "Serving the kubelet"), strings.Count(d.hp.Logs(), `"Unprepared"`)
 		if err := d.hp.Restart(ctx); err != nil {
@@ -431,8 +461,8 @@ func TestDRADriverOnRealKubelet(t *testing.T) {
 		if p.Status.Phase != corev1.PodRunning || len(p.Status.ContainerStatuses) != 1 || p.Status.ContainerStatuses[0].RestartCount != 0 {
 			t.Fatalf("pod after the plugin restart: %s %+v", p.Status.Phase, p.Status.ContainerStatuses)
 		}
-		if specs := d.claimSpecs(t); len(specs) != 1 {
-			t.Fatalf("claim specs after restart: %v", specs)
+		if got := d.staticSpecDevices(t); !slices.Equal(got, static) {
+			t.Fatalf("static spec after restart: %v, before %v", got, static)
 		}
 		// Unprepare, now served by the new instance.
 		zero := int64(0)
