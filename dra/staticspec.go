@@ -14,8 +14,8 @@ import (
 
 // staticSpec is what the driver's static CDI spec holds (cdi.WriteStaticSpec): the devices whose
 // edits are the same for every claim, so that Prepare answers with their names and writes no
-// transient spec. It holds the node's published devices and every device a prepared claim uses, so a
-// device never leaves the spec while a claim holds it.
+// transient spec. It holds the node's published devices and every static device of a claim being
+// prepared or prepared, so a device never leaves the spec while a claim holds it.
 type staticSpec struct {
 	mu    sync.Mutex
 	names map[string]bool // by cdi.StaticDeviceName
@@ -39,6 +39,10 @@ func (d *Driver) usesStatic(pd PreparedDevice) bool {
 // syncStaticSpec writes the static spec for the devices of the current inventory and of the prepared
 // claims, when that set changed. Callers serialise it (rebuildMu, or start-up before serving).
 func (d *Driver) syncStaticSpec() error {
+	// The set is read and written under the lock Prepare's check takes (has): a Prepare that found
+	// its device in the spec entered the index before this set was read, so the device stays.
+	d.static.mu.Lock()
+	defer d.static.mu.Unlock()
 	devs := map[string]cdi.Device{}
 	if inv := d.inv.Load(); inv != nil {
 		for _, dev := range inv.Devices {
@@ -47,10 +51,13 @@ func (d *Driver) syncStaticSpec() error {
 			}
 		}
 	}
+	// Every static device of a claim in the index, in flight ones included (a Prepare enters the
+	// index before it picks its CDI names), so no Prepare answers with a name a concurrent rebuild
+	// takes out of the file.
 	d.idxMu.Lock()
 	for _, c := range d.index {
 		for _, pd := range c.Devices {
-			if d.usesStatic(pd) {
+			if pd.Dynamic == nil && pd.CDI.IsStatic() {
 				devs[cdi.StaticDeviceName(pd.CDI)] = pd.CDI
 			}
 		}
@@ -65,8 +72,6 @@ func (d *Driver) syncStaticSpec() error {
 	cdi.SortDevices(list)
 	// Names leave the in-memory set only after the file no longer has them, and join it only after
 	// the file has them: Prepare never answers with a name the file lacks.
-	d.static.mu.Lock()
-	defer d.static.mu.Unlock()
 	changed, err := d.cdi.WriteStaticSpec(list)
 	if err != nil {
 		return fmt.Errorf("dra: %w", err)
