@@ -166,8 +166,9 @@ Notes:
   helper GETs each claim from the API server; the baseline is that bare GET from the same client,
   serially and with 8 callers (one per GPU). Everything — API server, etcd, kubelet, containerd, the
   plugin and the client — shares the machine's cores, and the claims/s row is what the machine as a
-  whole does: the CPU row says where it goes. containerd's share is the CDI library's auto-refresh,
-  which re-reads every spec in its spec directories each time a claim's spec is written or removed.
+  whole does: the CPU row says where it goes. containerd re-reads every spec in its spec directories
+  each time one is written or removed (the CDI library's auto-refresh); the whole GPUs and MIG
+  devices of this benchmark come from the DRA driver's static spec, so a claim writes none.
 - RSS: the daemon's VmRSS, its anonymous memory (heap, stacks, runtime) and its file-backed pages
   (the mapped executable, shared page cache) apart. The executable is written back and dropped
   from the page cache before it starts, as a binary read from disk; run straight after ` + "`go build`" + `,
