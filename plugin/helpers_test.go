@@ -2,7 +2,9 @@ package plugin_test
 
 import (
 	"context"
+	"flag"
 	"fmt"
+	"io"
 	"os"
 	"path/filepath"
 	"slices"
@@ -11,6 +13,8 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"k8s.io/klog/v2"
 
 	"github.com/tessera-gpu/tessera/api"
 	"github.com/tessera-gpu/tessera/cdi"
@@ -23,6 +27,19 @@ import (
 	"github.com/tessera-gpu/tessera/plugin/kubelettest"
 	"github.com/tessera-gpu/tessera/profile"
 )
+
+// TestMain keeps the plugin's logs out of test and benchmark output unless TESSERA_TEST_LOGS is set.
+func TestMain(m *testing.M) {
+	if os.Getenv("TESSERA_TEST_LOGS") == "" {
+		fs := flag.NewFlagSet("klog", flag.ContinueOnError)
+		klog.InitFlags(fs)
+		_ = fs.Set("logtostderr", "false")
+		_ = fs.Set("alsologtostderr", "false")
+		_ = fs.Set("stderrthreshold", "FATAL")
+		klog.SetOutput(io.Discard)
+	}
+	os.Exit(m.Run())
+}
 
 // shortDir is a temporary directory with a short path: unix socket paths are limited to 107 bytes.
 func shortDir(t testing.TB) string {

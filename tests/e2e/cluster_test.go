@@ -1,5 +1,10 @@
 //go:build e2e
 
+// End-to-end tests against a real local cluster: `make e2e`, or
+//
+//	go test -tags e2e -count=1 -timeout 80m -v ./tests/e2e/...
+//
+// See docs/testing.md for how the cluster is built and how to add a scenario.
 package e2e
 
 import (
@@ -18,6 +23,12 @@ import (
 	"github.com/tessera-gpu/tessera/tests/e2e/framework"
 	"github.com/tessera-gpu/tessera/tests/harness"
 )
+
+// TestMain starts the local cluster for the package's tests and always tears it down
+// (framework.Run).
+func TestMain(m *testing.M) {
+	os.Exit(framework.Run(m))
+}
 
 func randomSuffix(t *testing.T) string {
 	b := make([]byte, 6)
