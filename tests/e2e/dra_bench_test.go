@@ -81,10 +81,7 @@ func TestDRADriverBenchmark(t *testing.T) {
 	devs := d.deviceNames(t, ctx, c)
 	var claims []*resourcev1.ResourceClaim
 	for i, dev := range devs {
-		cl := &resourcev1.ResourceClaim{ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: fmt.Sprintf("bench-%02d", i)},
-			Spec: resourcev1.ResourceClaimSpec{Devices: resourcev1.DeviceClaim{Requests: []resourcev1.DeviceRequest{{
-				Name: "gpu", Exactly: &resourcev1.ExactDeviceRequest{DeviceClassName: "mig.tessera.dev"}}}}}}
-		cl, err := c.CreateResourceClaim(ctx, cl)
+		cl, err := c.CreateResourceClaim(ctx, classClaim(ns, fmt.Sprintf("bench-%02d", i), "mig.tessera.dev"))
 		if err != nil {
 			t.Fatal(err)
 		}

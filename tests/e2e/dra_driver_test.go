@@ -282,6 +282,22 @@ func claimPod(ns, name, template string, command ...string) *corev1.Pod {
 	return pod
 }
 
+// standaloneClaimPod is claimPod for an existing claim (not a template): the claim and its status
+// outlive the pod.
+func standaloneClaimPod(ns, name, claim string, command ...string) *corev1.Pod {
+	pod := harness.BusyboxPod(ns, name, command...)
+	pod.Spec.ResourceClaims = []corev1.PodResourceClaim{{Name: "gpu", ResourceClaimName: ptr.To(claim)}}
+	pod.Spec.Containers[0].Resources.Claims = []corev1.ResourceClaim{{Name: "gpu"}}
+	return pod
+}
+
+// classClaim is a claim for one device of a DeviceClass, as request "gpu".
+func classClaim(ns, name, class string) *resourcev1.ResourceClaim {
+	return &resourcev1.ResourceClaim{ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: name},
+		Spec: resourcev1.ResourceClaimSpec{Devices: resourcev1.DeviceClaim{Requests: []resourcev1.DeviceRequest{{
+			Name: "gpu", Exactly: &resourcev1.ExactDeviceRequest{DeviceClassName: class}}}}}}
+}
+
 // podClaim returns the claim generated for a pod's "gpu" claim, once allocated.
 func podClaim(t *testing.T, ctx context.Context, c *harness.Cluster, ns, pod string) *resourcev1.ResourceClaim {
 	t.Helper()
@@ -384,15 +400,11 @@ func TestDRADriverOnRealKubelet(t *testing.T) {
 
 	t.Run("ClaimStatusWritten", func(t *testing.T) {
 		// A standalone claim keeps its status for us to read while its pod runs.
-		claim := &resourcev1.ResourceClaim{ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: "mig-claim"},
-			Spec: resourcev1.ResourceClaimSpec{Devices: resourcev1.DeviceClaim{Requests: []resourcev1.DeviceRequest{{
-				Name: "gpu", Exactly: &resourcev1.ExactDeviceRequest{DeviceClassName: "mig.tessera.dev"}}}}}}
+		claim := classClaim(ns, "mig-claim", "mig.tessera.dev")
 		if _, err := c.CreateResourceClaim(ctx, claim); err != nil {
 			t.Fatal(err)
 		}
-		pod := harness.BusyboxPod(ns, "mig-user", "sh", "-c", "ls /dev/nvidia-caps && sleep 3600")
-		pod.Spec.ResourceClaims = []corev1.PodResourceClaim{{Name: "gpu", ResourceClaimName: ptr.To(claim.Name)}}
-		pod.Spec.Containers[0].Resources.Claims = []corev1.ResourceClaim{{Name: "gpu"}}
+		pod := standaloneClaimPod(ns, "mig-user", claim.Name, "sh", "-c", "ls /dev/nvidia-caps && sleep 3600")
 		if _, err := c.CreatePod(ctx, pod); err != nil {
 			t.Fatal(err)
 		}

@@ -348,16 +348,12 @@ func TestHelmInstallOnLocalCluster(t *testing.T) {
 	// it); a pod that holds a claim keeps running through it, and the new instance unprepares the
 	// claim when the pod goes.
 	t.Run("SeamlessUpgrade", func(t *testing.T) {
-		claim := &resourcev1.ResourceClaim{ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: "held-across-upgrade"},
-			Spec: resourcev1.ResourceClaimSpec{Devices: resourcev1.DeviceClaim{Requests: []resourcev1.DeviceRequest{{
-				Name: "gpu", Exactly: &resourcev1.ExactDeviceRequest{DeviceClassName: "gpu.tessera.dev"}}}}}}
+		claim := classClaim(ns, "held-across-upgrade", "gpu.tessera.dev")
 		created, err := c.CreateResourceClaim(ctx, claim)
 		if err != nil {
 			t.Fatal(err)
 		}
-		pod := harness.BusyboxPod(ns, "holder", "sh", "-c", "ls /dev/nvidia* && sleep 3600")
-		pod.Spec.ResourceClaims = []corev1.PodResourceClaim{{Name: "gpu", ResourceClaimName: ptr.To(claim.Name)}}
-		pod.Spec.Containers[0].Resources.Claims = []corev1.ResourceClaim{{Name: "gpu"}}
+		pod := standaloneClaimPod(ns, "holder", claim.Name, "sh", "-c", "ls /dev/nvidia* && sleep 3600")
 		if _, err := c.CreatePod(ctx, pod); err != nil {
 			t.Fatal(err)
 		}
