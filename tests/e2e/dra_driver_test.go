@@ -291,6 +291,12 @@ func standaloneClaimPod(ns, name, claim string, command ...string) *corev1.Pod {
 	return pod
 }
 
+// classClaimTemplate is a template of classClaim.
+func classClaimTemplate(ns, name, class string) *resourcev1.ResourceClaimTemplate {
+	return &resourcev1.ResourceClaimTemplate{ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: name},
+		Spec: resourcev1.ResourceClaimTemplateSpec{Spec: classClaim(ns, name, class).Spec}}
+}
+
 // classClaim is a claim for one device of a DeviceClass, as request "gpu".
 func classClaim(ns, name, class string) *resourcev1.ResourceClaim {
 	return &resourcev1.ResourceClaim{ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: name},
@@ -350,12 +356,7 @@ func TestDRADriverOnRealKubelet(t *testing.T) {
 		t.Errorf("nvidia-smi was not asked for GPU 3's interval: %v %q", err, recorded)
 	}
 
-	tmpl := &resourcev1.ResourceClaimTemplate{
-		ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: "whole-gpu"},
-		Spec: resourcev1.ResourceClaimTemplateSpec{Spec: resourcev1.ResourceClaimSpec{Devices: resourcev1.DeviceClaim{
-			Requests: []resourcev1.DeviceRequest{{Name: "gpu", Exactly: &resourcev1.ExactDeviceRequest{DeviceClassName: "gpu.tessera.dev"}}},
-		}}},
-	}
+	tmpl := classClaimTemplate(ns, "whole-gpu", "gpu.tessera.dev")
 	if _, err := c.CreateResourceClaimTemplate(ctx, tmpl); err != nil {
 		t.Fatal(err)
 	}

@@ -215,12 +215,7 @@ func TestHelmInstallOnLocalCluster(t *testing.T) {
 		}
 	})
 	t.Run("ResourceClaim", func(t *testing.T) {
-		tmpl := &resourcev1.ResourceClaimTemplate{
-			ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: "whole-gpu"},
-			Spec: resourcev1.ResourceClaimTemplateSpec{Spec: resourcev1.ResourceClaimSpec{Devices: resourcev1.DeviceClaim{
-				Requests: []resourcev1.DeviceRequest{{Name: "gpu", Exactly: &resourcev1.ExactDeviceRequest{DeviceClassName: "gpu.tessera.dev"}}},
-			}}},
-		}
+		tmpl := classClaimTemplate(ns, "whole-gpu", "gpu.tessera.dev")
 		if _, err := c.CreateResourceClaimTemplate(ctx, tmpl); err != nil {
 			t.Fatal(err)
 		}

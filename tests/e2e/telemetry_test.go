@@ -15,7 +15,6 @@ import (
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
-	resourcev1 "k8s.io/api/resource/v1"
 	"k8s.io/apimachinery/pkg/api/resource"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
@@ -229,12 +228,7 @@ func TestTelemetryAttributesPods(t *testing.T) {
 	}
 
 	// A pod holding a DRA claim is named on the DRA driver's device, with the claim.
-	tmpl := &resourcev1.ResourceClaimTemplate{
-		ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: "whole-gpu"},
-		Spec: resourcev1.ResourceClaimTemplateSpec{Spec: resourcev1.ResourceClaimSpec{Devices: resourcev1.DeviceClaim{
-			Requests: []resourcev1.DeviceRequest{{Name: "gpu", Exactly: &resourcev1.ExactDeviceRequest{DeviceClassName: "gpu.tessera.dev"}}},
-		}}},
-	}
+	tmpl := classClaimTemplate(ns, "whole-gpu", "gpu.tessera.dev")
 	if _, err := c.CreateResourceClaimTemplate(ctx, tmpl); err != nil {
 		t.Fatal(err)
 	}
