@@ -295,14 +295,27 @@ func (g *Generator) tmpPrefix() string {
 // after a power loss the boot ID has changed and start-up drops the claims of the earlier boot with
 // their specs — and on a node the spec directory is a tmpfs anyway. Its checkpoints are fsynced.
 func (g *Generator) write(spec *specs.Spec, name string, durable bool) (string, error) {
-	if err := validate(spec); err != nil {
-		return "", fmt.Errorf("the spec failed validation and was not written: %w", err)
-	}
-	data, err := json.MarshalIndent(spec, "", "  ")
+	data, err := encode(spec)
 	if err != nil {
 		return "", err
 	}
-	data = append(data, '\n')
+	return g.writeData(data, name, durable)
+}
+
+// encode validates a spec and returns the bytes write puts in its file.
+func encode(spec *specs.Spec) ([]byte, error) {
+	if err := validate(spec); err != nil {
+		return nil, fmt.Errorf("the spec failed validation and was not written: %w", err)
+	}
+	data, err := json.MarshalIndent(spec, "", "  ")
+	if err != nil {
+		return nil, err
+	}
+	return append(data, '\n'), nil
+}
+
+// writeData is write's atomic replacement of name by data, encoded already.
+func (g *Generator) writeData(data []byte, name string, durable bool) (string, error) {
 	dir := g.cfg.specDir
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return "", err

@@ -2,7 +2,6 @@ package cdi
 
 import (
 	"bytes"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"io/fs"
@@ -82,14 +81,14 @@ func (g *Generator) WriteStaticSpec(devices []Device) (bool, error) {
 	if err != nil {
 		return false, fmt.Errorf("cdi: static spec: %w", err)
 	}
-	data, err := json.MarshalIndent(spec, "", "  ")
+	data, err := encode(spec)
 	if err != nil {
 		return false, fmt.Errorf("cdi: static spec: %w", err)
 	}
-	if old, err := os.ReadFile(path); err == nil && bytes.Equal(bytes.TrimSuffix(old, []byte("\n")), data) {
+	if old, err := os.ReadFile(path); err == nil && bytes.Equal(old, data) {
 		return false, nil
 	}
-	if _, err := g.write(spec, g.StaticSpecName(), false); err != nil {
+	if _, err := g.writeData(data, g.StaticSpecName(), false); err != nil {
 		return false, fmt.Errorf("cdi: static spec: %w", err)
 	}
 	return true, nil
